@@ -1,0 +1,127 @@
+"""The narrow interface every VM backend implements.
+
+The monitor owns one VM through a backend: it asks for a launch, talks to the agent over the
+VM's channel, and stops it. The CLI never holds a VM object; it only sees the backend's private
+state blob (stored in the container's state file, opaque to the core) and may ask whether that
+VM is alive or destroy what is left of it.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+import socket
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from bonneville.spec.errors import BackendError
+
+
+class Capability(enum.Enum):
+    CLONE = "clone"  # starts VMs by cloning a pre-booted template
+    PAUSE = "pause"  # can freeze and thaw a running VM
+    NETWORK = "network"  # can give the guest a NIC bridged to the container's netns
+    CONSOLE = "console"  # captures the guest's serial console to a file
+
+
+@dataclass(frozen=True)
+class VMConfig:
+    """Everything a backend needs to start one container's VM."""
+
+    container_id: str
+    memory_mib: int
+    vcpus: int
+    # Host directory exported to the guest as the container root (9p tag protocol.ROOT_TAG).
+    share_dir: str
+    # Private directory of this VM (sockets, console log, backend files); removed on delete.
+    run_dir: str
+    kernel: str
+    initrd: str
+    readonly_share: bool = False
+    kernel_args: tuple[str, ...] = ()
+    # Tap devices (names in the monitor's network namespace) with the MAC the guest must use.
+    nics: tuple[tuple[str, str], ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class VM(ABC):
+    """A running VM owned by the monitor process that launched it."""
+
+    @property
+    @abstractmethod
+    def channel(self) -> socket.socket:
+        """Connected byte stream to the guest agent."""
+
+    @property
+    @abstractmethod
+    def pid(self) -> int:
+        """Host PID of the process that runs the VM (0 if none runs on this host)."""
+
+    @abstractmethod
+    def exit_fd(self) -> int:
+        """A descriptor that becomes readable when the VM ends (for the monitor's selector)."""
+
+    @abstractmethod
+    def poll(self) -> bool:
+        """True once the VM has ended (reaping it if it is our child)."""
+
+    @abstractmethod
+    def private_state(self) -> dict[str, Any]:
+        """JSON-serialisable facts the CLI needs later for alive()/destroy()."""
+
+    def pause(self) -> None:
+        raise BackendError("this backend cannot pause a VM")
+
+    def resume(self) -> None:
+        raise BackendError("this backend cannot resume a VM")
+
+    @abstractmethod
+    def stop(self, timeout: float = 5.0) -> None:
+        """Power the VM off (forcibly after ``timeout``) and release everything it held."""
+
+
+class Backend(ABC):
+    name: ClassVar[str]
+    capabilities: ClassVar[frozenset[Capability]]
+
+    def require(self, capability: Capability) -> None:
+        if capability not in self.capabilities:
+            raise BackendError(f"backend {self.name} does not support {capability.value}")
+
+    @abstractmethod
+    def launch(self, config: VMConfig) -> VM:
+        """Start a VM; return once its process runs and the agent channel is connected."""
+
+    @abstractmethod
+    def alive(self, private: dict[str, Any]) -> bool:
+        """Whether the VM described by a private state blob still runs."""
+
+    @abstractmethod
+    def destroy(self, private: dict[str, Any]) -> None:
+        """Kill whatever is left of that VM; idempotent, never fails on an already gone VM."""
+
+
+_BACKENDS = {
+    "qemu": "bonneville.backends.qemu.backend:QemuBackend",
+    "fake": "bonneville.backends.fake:FakeBackend",
+}
+
+
+def backend_names() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called ``name``, imported only now (each pulls in its own dependencies)."""
+    target = _BACKENDS.get(name)
+    if target is None:
+        raise BackendError(f"unknown backend {name!r} (available: {', '.join(backend_names())})")
+    module_name, _, class_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise BackendError(f"backend {name} is not available: {exc}") from exc
+    cls = getattr(module, class_name)
+    backend: Backend = cls()
+    return backend

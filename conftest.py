@@ -1,0 +1,124 @@
+"""Fixtures shared by tests/ (unit, fake backend) and integration/ (real VMs and daemons)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+BUSYBOX = "/bin/busybox"
+
+
+def make_busybox_rootfs(rootfs: Path) -> Path:
+    """A minimal container root made from Debian's busybox-static (no registry needed)."""
+    for d in ("bin", "sbin", "etc", "tmp", "proc", "sys", "dev", "root", "home", "var", "run"):
+        (rootfs / d).mkdir(parents=True, exist_ok=True)
+    os.chmod(rootfs / "tmp", 0o1777)
+    shutil.copy2(BUSYBOX, rootfs / "bin" / "busybox")
+    applets = subprocess.run(
+        [BUSYBOX, "--list"], check=True, capture_output=True, text=True
+    ).stdout.split()
+    for applet in applets:
+        link = rootfs / "bin" / applet
+        if not link.exists():
+            link.symlink_to("busybox")
+    (rootfs / "etc" / "passwd").write_text(
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
+    )
+    (rootfs / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
+    return rootfs
+
+
+def default_config(args: list[str], terminal: bool = False) -> dict[str, object]:
+    """The config.json `bonneville spec` would write, with the given args."""
+    from bonneville.spec.defaults import default_spec
+
+    config = default_spec()
+    process = config["process"]
+    assert isinstance(process, dict)
+    process["args"] = args
+    process["terminal"] = terminal
+    return config
+
+
+def write_bundle(bundle: Path, config: dict[str, object], rootfs: Path | None = None) -> Path:
+    bundle.mkdir(parents=True, exist_ok=True)
+    if rootfs is None:
+        make_busybox_rootfs(bundle / "rootfs")
+    elif rootfs != bundle / "rootfs":
+        (bundle / "rootfs").symlink_to(rootfs)
+    (bundle / "config.json").write_text(json.dumps(config, indent=2))
+    return bundle
+
+
+@pytest.fixture(scope="session")
+def busybox_rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A read-mostly busybox rootfs shared by tests that do not write into it."""
+    return make_busybox_rootfs(tmp_path_factory.mktemp("busybox") / "rootfs")
+
+
+@pytest.fixture
+def bundle(tmp_path: Path) -> Path:
+    """A fresh bundle with its own writable busybox rootfs and `sh -c 'echo hello'`."""
+    return write_bundle(tmp_path / "bundle", default_config(["sh", "-c", "echo hello"]))
+
+
+class Runtime:
+    """Runs the installed `bonneville` CLI with its own --root and backend."""
+
+    def __init__(self, root: Path, backend: str) -> None:
+        self.root = root
+        self.backend = backend
+
+    def argv(self, *args: str) -> list[str]:
+        return ["bonneville", "--root", str(self.root), "--backend", self.backend, *args]
+
+    def __call__(
+        self, *args: str, input: bytes | None = None, timeout: float = 180, check: bool = False
+    ) -> subprocess.CompletedProcess[bytes]:
+        result = subprocess.run(
+            self.argv(*args),
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"bonneville {' '.join(args)} failed ({result.returncode}): {result.stderr!r}"
+            )
+        return result
+
+    def state(self, container_id: str) -> dict[str, object]:
+        result = self("state", container_id, check=True)
+        data = json.loads(result.stdout)
+        assert isinstance(data, dict)
+        return data
+
+    def cleanup(self) -> None:
+        if self.root.exists():
+            for name in os.listdir(self.root):
+                self("delete", "--force", name)
+
+
+def leftover_processes(marker: str) -> list[str]:
+    """Command lines of live processes mentioning ``marker`` (a test's unique root path)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                zombie = f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+        except OSError:
+            continue
+        if marker in cmd and not zombie:
+            found.append(f"{pid}: {cmd}")
+    return found

@@ -1,0 +1,108 @@
+"""The host–agent wire protocol, shared by the monitor (host) and the agent (guest).
+
+Every message is a frame: an 8-byte header ``>BxHI`` (type, pad, stream, length) followed by
+``length`` bytes of payload. Control frames carry one UTF-8 JSON object; data frames carry raw
+bytes of one process's stdio, ``stream`` being the process id the host chose for it. A data frame
+with an empty payload means end of file on that stream. The format is documented in
+``docs/protocol.md``. This module imports only the standard library modules the guest carries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Any
+
+VERSION = 1
+
+# Names both sides agree on: the virtio-serial port and the 9p mount tag of the shared root.
+PORT_NAME = "bonneville.agent"
+ROOT_TAG = "bonneville-root"
+
+HEADER = struct.Struct(">BxHI")
+MAX_PAYLOAD = 1 << 20  # 1 MiB: larger frames are a protocol error, never an allocation.
+
+CONTROL = 1
+STDIN = 2
+STDOUT = 3
+STDERR = 4
+DATA_TYPES = (STDIN, STDOUT, STDERR)
+FRAME_TYPES = (CONTROL, STDIN, STDOUT, STDERR)
+
+# Stream 0 is the agent itself; containers' processes use ids from 1 (1 is the init process).
+AGENT_STREAM = 0
+INIT_STREAM = 1
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not a valid frame."""
+
+
+def encode(ftype: int, stream: int, payload: bytes) -> bytes:
+    """One frame as bytes."""
+    if ftype not in FRAME_TYPES:
+        raise ProtocolError(f"unknown frame type {ftype}")
+    if len(payload) > MAX_PAYLOAD:
+        raise ProtocolError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    return HEADER.pack(ftype, stream, len(payload)) + payload
+
+
+def encode_control(message: dict[str, Any], stream: int = AGENT_STREAM) -> bytes:
+    """A control frame carrying ``message`` as JSON."""
+    return encode(CONTROL, stream, json.dumps(message, separators=(",", ":")).encode())
+
+
+def encode_data(ftype: int, stream: int, data: bytes) -> list[bytes]:
+    """Data frames for ``data``, split so no frame exceeds the limit (empty data means EOF)."""
+    if not data:
+        return [encode(ftype, stream, b"")]
+    return [
+        encode(ftype, stream, data[i : i + MAX_PAYLOAD]) for i in range(0, len(data), MAX_PAYLOAD)
+    ]
+
+
+def decode_control(payload: bytes) -> dict[str, Any]:
+    """The JSON object of a control frame; anything else is a ProtocolError."""
+    try:
+        message = json.loads(payload)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"control frame is not JSON: {exc}") from exc
+    if not isinstance(message, dict) or not isinstance(message.get("op"), str):
+        raise ProtocolError("control frame is not an object with an 'op'")
+    return message
+
+
+class Decoder:
+    """Incremental frame parser: feed bytes as they arrive, take whole frames out."""
+
+    def __init__(self, max_buffer: int = 4 * MAX_PAYLOAD) -> None:
+        self._buf = bytearray()
+        self._max_buffer = max_buffer
+
+    def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
+        """Add ``data``; return every complete frame as (type, stream, payload)."""
+        self._buf += data
+        frames: list[tuple[int, int, bytes]] = []
+        while len(self._buf) >= HEADER.size:
+            ftype, stream, length = HEADER.unpack_from(self._buf)
+            if ftype not in FRAME_TYPES:
+                raise ProtocolError(f"unknown frame type {ftype}")
+            if length > MAX_PAYLOAD:
+                raise ProtocolError(f"frame of {length} bytes exceeds {MAX_PAYLOAD}")
+            end = HEADER.size + length
+            if len(self._buf) < end:
+                break
+            frames.append((ftype, stream, bytes(self._buf[HEADER.size : end])))
+            del self._buf[:end]
+        if len(self._buf) > self._max_buffer:
+            raise ProtocolError("receive buffer overflow")
+        return frames
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write every byte of ``data`` to a blocking descriptor."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]

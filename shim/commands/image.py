@@ -1,0 +1,33 @@
+"""`bonneville image build|ls`: the guest kernel and initramfs every VM boots."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.group("image")
+def image() -> None:
+    """Manage the guest image (kernel + initramfs with the agent)."""
+
+
+@image.command("build")
+@click.option("--force", is_flag=True, help="rebuild even if the current image is up to date")
+def build(force: bool) -> None:
+    """Build the guest image (cached under /var/lib/bonneville; rebuilt when inputs change)."""
+    from bonneville.guest.image import build_image
+
+    result = build_image(force=force)
+    click.echo(f"guest image {result.key[:12]}: {result.kernel} {result.initrd}")
+
+
+@image.command("ls")
+def ls() -> None:
+    """Show the current guest image."""
+    from bonneville.guest.image import image_status
+
+    click.echo(json.dumps(image_status(), indent=2))
+
+
+COMMANDS = [image]

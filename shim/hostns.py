@@ -1,0 +1,151 @@
+"""Host-side namespaces and mounts of the monitor (ctypes: Python 3.11 has no os.mount/unshare).
+
+The monitor lives in a private mount namespace: the container's shared directory and its bind
+mounts exist only there, so they vanish with the monitor and can never leak onto the host.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import stat
+
+from bonneville.spec.errors import BonnevilleError
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+
+_FLAG_OPTIONS = {
+    "ro": MS_RDONLY,
+    "nosuid": MS_NOSUID,
+    "nodev": MS_NODEV,
+    "noexec": MS_NOEXEC,
+}
+
+_libc: ctypes.CDLL | None = None
+
+
+def _lib() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return _libc
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise BonnevilleError(f"{what}: {os.strerror(err)}")
+
+
+def unshare(flags: int) -> None:
+    _check(_lib().unshare(flags), "unshare")
+
+
+def setns(path: str, nstype: int) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise BonnevilleError(f"cannot open namespace {path}: {exc.strerror}") from exc
+    try:
+        _check(_lib().setns(fd, nstype), f"setns {path}")
+    finally:
+        os.close(fd)
+
+
+def mount(
+    source: str, target: str, fstype: str | None, flags: int, data: str | None = None
+) -> None:
+    result = _lib().mount(
+        source.encode(),
+        target.encode(),
+        fstype.encode() if fstype else None,
+        ctypes.c_ulong(flags),
+        data.encode() if data else None,
+    )
+    _check(result, f"mount {source} on {target}")
+
+
+def make_private_mount_namespace() -> None:
+    unshare(CLONE_NEWNS)
+    mount("none", "/", None, MS_REC | MS_PRIVATE)
+
+
+def bind(source: str, target: str, recursive: bool, flags: int) -> None:
+    """Bind ``source`` on ``target``, then apply ro/nosuid/nodev/noexec (needs a remount)."""
+    mount(source, target, None, MS_BIND | (MS_REC if recursive else 0))
+    if flags:
+        mount("none", target, None, MS_BIND | MS_REMOUNT | flags)
+
+
+def option_flags(options: tuple[str, ...] | list[str]) -> int:
+    flags = 0
+    for option in options:
+        flags |= _FLAG_OPTIONS.get(option, 0)
+    return flags
+
+
+def resolve_in_root(root: str, path: str, max_links: int = 40) -> str:
+    """``path`` taken inside ``root``: symlinks resolve relative to ``root`` and can never lead
+    out of it (a rootfs whose /data links to /etc must not make us mount over the host's /etc).
+    """
+    if any(part == ".." for part in path.split("/")):
+        raise BonnevilleError(f"mount destination {path!r} must not contain '..'")
+    pending = [p for p in path.split("/") if p not in ("", ".")]
+    resolved: list[str] = []
+    links = 0
+    while pending:
+        part = pending.pop(0)
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = os.path.join(root, *resolved, part)
+        try:
+            st = os.lstat(candidate)
+        except FileNotFoundError:
+            resolved.append(part)
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > max_links:
+                raise BonnevilleError(f"too many symlinks resolving {path!r} in the rootfs")
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                resolved = []
+            pending = [p for p in target.split("/") if p not in ("", ".")] + pending
+            continue
+        resolved.append(part)
+    return os.path.join(root, *resolved)
+
+
+def make_mountpoint(root: str, path: str, is_dir: bool) -> str:
+    """Create the mount point for ``path`` inside ``root`` (directories, or an empty file)."""
+    target = resolve_in_root(root, path)
+    parent = os.path.dirname(target)
+    if not os.path.lexists(parent):
+        # Intermediate components were resolved above; create them one by one, re-resolving
+        # so a symlink created meanwhile is still taken inside the root.
+        rel = os.path.relpath(parent, root)
+        current = root
+        for part in rel.split("/"):
+            current = resolve_in_root(root, os.path.join(os.path.relpath(current, root), part))
+            if not os.path.lexists(current):
+                os.mkdir(current, 0o755)
+    if not os.path.lexists(target):
+        if is_dir:
+            os.mkdir(target, 0o755)
+        else:
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+    return target

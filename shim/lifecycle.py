@@ -1,0 +1,458 @@
+"""The container lifecycle behind the CLI commands (runc semantics, one VM per container)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from bonneville.backends import procfs
+from bonneville.shim import hooks, state, unixsock
+from bonneville.shim.state import ContainerState, Store
+from bonneville.shim.status import Status
+from bonneville.spec.errors import (
+    BonnevilleError,
+    ContainerNotFound,
+    HookError,
+    InvalidState,
+)
+
+log = logging.getLogger("bonneville")
+
+DEFAULT_BACKEND = "qemu"
+# Hang guards only: a cold boot under TCG on a loaded host can take tens of seconds.
+CREATE_TIMEOUT = 300.0
+MONITOR_EXIT_TIMEOUT = 15.0
+
+
+@dataclass
+class Context:
+    store: Store
+    backend: str | None = None  # --backend / BONNEVILLE_BACKEND; only create uses it
+
+    def backend_for_create(self) -> str:
+        return self.backend or os.environ.get("BONNEVILLE_BACKEND") or DEFAULT_BACKEND
+
+
+# ---- status ----------------------------------------------------------------------------------
+
+
+def refresh(ctx: Context, st: ContainerState) -> Status:
+    """The live status: from the monitor process and the VM, never from the file alone."""
+    if not st.created_done:
+        if procfs.is_alive(st.creator_pid, st.creator_start):
+            return Status.CREATING
+        return Status.STOPPED  # a create that crashed half-way
+    if ctx.store.read_exit(st.id) is not None:
+        return Status.STOPPED
+    if not procfs.is_alive(st.pid, st.pid_start):
+        return Status.STOPPED
+    if st.backend_state:
+        from bonneville.backends.base import get_backend
+
+        if not get_backend(st.backend).alive(st.backend_state):
+            return Status.STOPPED
+    if st.paused:
+        return Status.PAUSED
+    return Status.RUNNING if st.started else Status.CREATED
+
+
+def state_json(st: ContainerState, status: Status) -> dict[str, Any]:
+    """The runtime-spec state object (runc's field set)."""
+    return {
+        "ociVersion": state.OCI_VERSION,
+        "id": st.id,
+        "pid": st.pid if status is not Status.STOPPED else 0,
+        "status": status.value,
+        "bundle": st.bundle,
+        "rootfs": st.rootfs,
+        "created": st.created,
+        "owner": st.owner,
+        "annotations": st.annotations,
+    }
+
+
+def _hook_state(st: ContainerState, status: Status) -> dict[str, Any]:
+    data = state_json(st, status)
+    data["pid"] = st.pid  # hooks always see the container's pid, even when it just ended
+    return data
+
+
+# ---- create / start / run --------------------------------------------------------------------
+
+
+def _read_phase(sock: socket.socket, deadline: float) -> dict[str, Any]:
+    remaining = deadline - time.monotonic()
+    readable, _, _ = select.select([sock], [], [], max(remaining, 0))
+    if not readable:
+        raise BonnevilleError("timed out waiting for the container's VM to start")
+    line = unixsock.read_line(sock)
+    if not line:
+        raise BonnevilleError("the container monitor died during create (see its log)")
+    message = json.loads(line)
+    if not isinstance(message, dict):
+        raise BonnevilleError("malformed message from the container monitor")
+    if message.get("phase") == "error":
+        raise BonnevilleError(str(message.get("error")))
+    return message
+
+
+def write_pid_file(path: str, pid: int) -> None:
+    """Digits only, no newline, written atomically (containerd reads it as soon as it exists)."""
+    state.atomic_write(os.path.abspath(path), str(pid).encode(), mode=0o644)
+
+
+def create(
+    ctx: Context,
+    container_id: str,
+    bundle_path: str,
+    pid_file: str | None = None,
+    console_socket: str | None = None,
+    use_stdio_tty: bool = False,
+) -> ContainerState:
+    """Create the container: its VM is up and its agent ready when this returns."""
+    from bonneville.backends.base import get_backend
+    from bonneville.shim import monitor
+    from bonneville.spec.config import load_bundle
+
+    state.validate_id(container_id)
+    bundle = load_bundle(bundle_path)
+    spec = bundle.spec
+    if spec.process is None:
+        raise BonnevilleError("config.json: process is required to create a container")
+    if spec.process.terminal and not console_socket and not use_stdio_tty:
+        raise BonnevilleError(
+            "cannot allocate tty if bonneville will detach without setting console socket"
+        )
+    if not spec.process.terminal and console_socket:
+        raise BonnevilleError(
+            "cannot use console socket if bonneville will not detach or allocate tty"
+        )
+    backend_name = ctx.backend_for_create()
+    get_backend(backend_name)  # an unknown or unavailable backend fails before anything exists
+
+    ctx.store.create_dir(container_id)
+    st = ContainerState(
+        id=container_id,
+        bundle=bundle.path,
+        rootfs=bundle.rootfs,
+        backend=backend_name,
+        annotations=dict(spec.annotations),
+        creator_pid=os.getpid(),
+        creator_start=procfs.start_time(os.getpid()),
+        poststop_hooks=list((bundle.raw.get("hooks") or {}).get("poststop") or []),
+    )
+    monitor_pid = 0
+    sync: socket.socket | None = None
+    try:
+        with ctx.store.lock(container_id):
+            ctx.store.save(st)
+            config = monitor.MonitorConfig(
+                container_id=container_id,
+                state_dir=ctx.store.path(container_id),
+                bundle=bundle,
+                backend=backend_name,
+                console_socket=os.path.abspath(console_socket) if console_socket else None,
+                use_stdio_tty=use_stdio_tty,
+            )
+            monitor_pid, sync = monitor.spawn(config)
+            st.pid = monitor_pid
+            st.pid_start = procfs.start_time(monitor_pid)
+            ctx.store.save(st)
+            deadline = time.monotonic() + CREATE_TIMEOUT
+            _read_phase(sync, deadline)  # the monitor sits in the container's namespaces
+            hooks.run_hooks("prestart", spec.hooks.prestart, _hook_state(st, Status.CREATING))
+            hooks.run_hooks(
+                "createRuntime", spec.hooks.create_runtime, _hook_state(st, Status.CREATING)
+            )
+            sync.sendall(b'{"continue": true}\n')
+            ready = _read_phase(sync, deadline)
+            st.backend_state = dict(ready.get("backend_state") or {})
+            ctx.store.save(st)
+            hooks.run_hooks(
+                "createContainer", spec.hooks.create_container, _hook_state(st, Status.CREATED)
+            )
+            st.created_done = True
+            ctx.store.save(st)
+            if pid_file:
+                write_pid_file(pid_file, monitor_pid)
+    except BaseException:
+        _abort_create(ctx, st, monitor_pid)
+        raise
+    finally:
+        if sync is not None:
+            sync.close()
+    log.debug("created %s (monitor %d)", container_id, monitor_pid)
+    return st
+
+
+def _abort_create(ctx: Context, st: ContainerState, monitor_pid: int) -> None:
+    """Leave nothing behind: no monitor, VM, mount (they live in its namespace) or state."""
+    if monitor_pid:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(monitor_pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(monitor_pid, 0)
+    if st.backend_state:
+        _destroy_vm(st)
+    ctx.store.remove(st.id)
+
+
+def _destroy_vm(st: ContainerState) -> None:
+    from bonneville.backends.base import get_backend
+
+    with contextlib.suppress(BonnevilleError):
+        get_backend(st.backend).destroy(st.backend_state)
+
+
+def _monitor_call(ctx: Context, st: ContainerState, request: dict[str, Any]) -> dict[str, Any]:
+    return unixsock.call(ctx.store.path(st.id, state.SOCKET_FILE), request)
+
+
+def start(ctx: Context, container_id: str) -> None:
+    from bonneville.spec.config import load_bundle
+
+    with ctx.store.lock(container_id):
+        st = ctx.store.load(container_id)
+        status = refresh(ctx, st)
+        if not status.can_start:
+            if status is Status.STOPPED:
+                raise InvalidState("cannot start a container that has stopped", status.value)
+            raise InvalidState(f"cannot start an already {status.value} container", status.value)
+        spec = load_bundle(st.bundle, validate=False).spec
+        try:
+            hooks.run_hooks(
+                "startContainer", spec.hooks.start_container, _hook_state(st, Status.CREATED)
+            )
+        except HookError:
+            _stop_monitor(ctx, st)
+            raise
+        _monitor_call(ctx, st, {"op": "start"})
+        st.started = True
+        ctx.store.save(st)
+        hooks.run_hooks_warn("poststart", spec.hooks.poststart, _hook_state(st, Status.RUNNING))
+
+
+def run(
+    ctx: Context,
+    container_id: str,
+    bundle_path: str,
+    pid_file: str | None,
+    console_socket: str | None,
+    detach: bool,
+    keep: bool = False,
+) -> int:
+    """create + start, then (unless detached) wait, relay signals, delete; the exit status."""
+    import sys
+
+    use_stdio_tty = not detach and not console_socket
+    st = create(ctx, container_id, bundle_path, pid_file, console_socket, use_stdio_tty)
+    saved_tty: list[Any] | None = None
+    try:
+        terminal = _is_terminal_spec(st)
+        if use_stdio_tty and terminal and os.isatty(0):
+            import termios
+            import tty
+
+            saved_tty = termios.tcgetattr(0)
+            tty.setraw(0)
+        start(ctx, container_id)
+    except BaseException:
+        _restore_tty(saved_tty)
+        with contextlib.suppress(BonnevilleError):
+            delete(ctx, container_id, force=True)
+        raise
+    if detach:
+        return 0
+    forwarded = [s for s in range(1, signal.NSIG) if s not in _UNFORWARDED]
+    for signum in forwarded:
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(signum, lambda n, _f: _forward(st.pid, n))
+    try:
+        while True:
+            try:
+                _, wait_status = os.waitpid(st.pid, 0)
+                break
+            except InterruptedError:
+                continue
+    finally:
+        _restore_tty(saved_tty)
+        for signum in forwarded:
+            with contextlib.suppress(OSError, ValueError):
+                signal.signal(signum, signal.SIG_DFL)
+    status = os.waitstatus_to_exitcode(wait_status)
+    if status < 0:
+        status = 128 - status
+    sys.stdout.flush()
+    if not keep:
+        with contextlib.suppress(BonnevilleError):
+            delete(ctx, container_id, force=True)
+    return status
+
+
+_UNFORWARDED = {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGPIPE}
+
+
+def _forward(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
+def _restore_tty(saved: list[Any] | None) -> None:
+    if saved is not None:
+        import termios
+
+        with contextlib.suppress(OSError):
+            termios.tcsetattr(0, termios.TCSADRAIN, saved)
+
+
+def _is_terminal_spec(st: ContainerState) -> bool:
+    try:
+        with open(os.path.join(st.bundle, "config.json"), "rb") as f:
+            return bool((json.load(f).get("process") or {}).get("terminal"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+# ---- kill / delete / state / list ------------------------------------------------------------
+
+
+def kill(ctx: Context, container_id: str, signum: int, all_processes: bool = False) -> None:
+    with ctx.store.lock(container_id):
+        st = ctx.store.load(container_id)
+        status = refresh(ctx, st)
+        if not status.can_kill:
+            raise InvalidState("container not running", status.value)
+        try:
+            _monitor_call(ctx, st, {"op": "signal", "signal": signum, "all": all_processes})
+        except BonnevilleError:
+            if signum != signal.SIGKILL:
+                raise
+            # A wedged monitor must not make SIGKILL fail: kill it, its VM dies with it.
+            _forward(st.pid, signal.SIGKILL)
+            _destroy_vm(st)
+
+
+def _wait_gone(pid: int, start_time: int | None, timeout: float) -> bool:
+    if not procfs.is_alive(pid, start_time):
+        return True
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        deadline = time.monotonic() + timeout
+        while procfs.is_alive(pid, start_time):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            select.select([pidfd], [], [], remaining)
+            # Readable means it exited; it may linger as a zombie of its parent: that is gone.
+            if select.select([pidfd], [], [], 0)[0]:
+                return True
+        return True
+    finally:
+        os.close(pidfd)
+
+
+def _stop_monitor(ctx: Context, st: ContainerState) -> None:
+    """End the container: ask the monitor to power off, then make sure of it."""
+    if procfs.is_alive(st.pid, st.pid_start):
+        with contextlib.suppress(BonnevilleError):
+            unixsock.call(ctx.store.path(st.id, state.SOCKET_FILE), {"op": "destroy"}, timeout=5)
+        if not _wait_gone(st.pid, st.pid_start, MONITOR_EXIT_TIMEOUT):
+            _forward(st.pid, signal.SIGKILL)
+            _wait_gone(st.pid, st.pid_start, MONITOR_EXIT_TIMEOUT)
+    if st.backend_state:
+        _destroy_vm(st)
+
+
+def delete(ctx: Context, container_id: str, force: bool = False) -> None:
+    try:
+        lock = ctx.store.lock(container_id)
+        lock.__enter__()
+    except ContainerNotFound:
+        if force:
+            return
+        raise
+    try:
+        try:
+            st = ctx.store.load(container_id)
+        except ContainerNotFound:
+            # A directory without a state file: a create that died before writing it.
+            ctx.store.remove(container_id)
+            return
+        status = refresh(ctx, st)
+        if status in (Status.RUNNING, Status.PAUSED, Status.CREATING) and not force:
+            raise InvalidState(
+                f"cannot delete container {container_id} that is not stopped: {status.value}",
+                status.value,
+            )
+        if status is Status.CREATING and st.creator_pid:
+            _forward(st.creator_pid, signal.SIGKILL)
+        _stop_monitor(ctx, st)
+        hooks.run_hooks_warn("poststop", st.poststop_hooks, _hook_state(st, Status.STOPPED))
+        ctx.store.remove(container_id)
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def container_state(ctx: Context, container_id: str) -> dict[str, Any]:
+    with ctx.store.lock(container_id, exclusive=False):
+        st = ctx.store.load(container_id)
+        return state_json(st, refresh(ctx, st))
+
+
+def list_containers(ctx: Context) -> list[dict[str, Any]]:
+    """Every container's state; a damaged entry is listed as stopped, never a crash."""
+    result: list[dict[str, Any]] = []
+    for container_id in ctx.store.ids():
+        try:
+            result.append(container_state(ctx, container_id))
+        except ContainerNotFound:
+            continue
+        except BonnevilleError as exc:
+            log.warning("skipping damaged container %s: %s", container_id, exc)
+            result.append(
+                {
+                    "ociVersion": state.OCI_VERSION,
+                    "id": container_id,
+                    "pid": 0,
+                    "status": Status.STOPPED.value,
+                    "bundle": "",
+                    "rootfs": "",
+                    "created": "",
+                    "owner": "",
+                    "annotations": {},
+                }
+            )
+    return result
+
+
+def pause(ctx: Context, container_id: str) -> None:
+    with ctx.store.lock(container_id):
+        st = ctx.store.load(container_id)
+        status = refresh(ctx, st)
+        if not status.can_pause:
+            raise InvalidState(f"container not running: {status.value}", status.value)
+        _monitor_call(ctx, st, {"op": "pause"})
+        st.paused = True
+        ctx.store.save(st)
+
+
+def resume(ctx: Context, container_id: str) -> None:
+    with ctx.store.lock(container_id):
+        st = ctx.store.load(container_id)
+        status = refresh(ctx, st)
+        if not status.can_resume:
+            raise InvalidState("container not paused", status.value)
+        _monitor_call(ctx, st, {"op": "resume"})
+        st.paused = False
+        ctx.store.save(st)

@@ -1,0 +1,570 @@
+"""The per-container monitor: the long-lived host process whose PID is the container's.
+
+`create` forks it. It enters the container's host namespaces, prepares the shared root, launches
+the VM through a backend, waits for the agent, and then relays: stdio (or the pty) between the
+caller and the guest process, signals sent to it or through `kill`, window size, and finally the
+container's exit status, which becomes its own. Its control socket serves the CLI's requests.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import termios
+import time
+import traceback
+import tty
+from dataclasses import dataclass
+from typing import Any
+
+from bonneville.backends.base import VM, Backend, VMConfig, get_backend
+from bonneville.guest import protocol
+from bonneville.shim import hostns, state, unixsock
+from bonneville.shim.agent_client import AgentConnection
+from bonneville.shim.signals import IGNORED_BY_DEFAULT
+from bonneville.spec.config import Bundle
+from bonneville.spec.errors import BonnevilleError
+
+log = logging.getLogger("bonneville.monitor")
+
+AGENT_BOOT_TIMEOUT = 120.0  # a hang guard for cold boots under TCG on a loaded host
+AGENT_CALL_TIMEOUT = 60.0
+VM_KILLED_STATUS = 137  # the VM died under the container: report it as SIGKILL, like runc
+
+
+@dataclass
+class MonitorConfig:
+    container_id: str
+    state_dir: str
+    bundle: Bundle
+    backend: str
+    console_socket: str | None
+    # `run` without a console socket uses the caller's terminal (fds 0/1) as the console.
+    use_stdio_tty: bool = False
+
+
+class SetupFailed(BonnevilleError):
+    pass
+
+
+def spawn(config: MonitorConfig) -> tuple[int, socket.socket]:
+    """Fork the monitor; return its PID and our end of the setup channel."""
+    parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid:
+        child_end.close()
+        return pid, parent_end
+    # Child. Never return into the CLI's code.
+    status = 1
+    try:
+        parent_end.close()
+        status = Monitor(config, child_end).main()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            log.error("monitor crashed: %s", traceback.format_exc())
+    finally:
+        os._exit(status)
+
+
+def _send_json(sock: socket.socket, message: dict[str, Any]) -> None:
+    sock.sendall(json.dumps(message).encode() + b"\n")
+
+
+class Monitor:
+    def __init__(self, config: MonitorConfig, sync: socket.socket) -> None:
+        self.cfg = config
+        self.spec = config.bundle.spec
+        self.sync: socket.socket | None = sync
+        self.backend: Backend | None = None
+        self.vm: VM | None = None
+        self.agent: AgentConnection | None = None
+        self.selector = selectors.DefaultSelector()
+        self.control: socket.socket | None = None
+        self.started = False
+        self.exit_status: int | None = None
+        self.terminal = bool(self.spec.process and self.spec.process.terminal)
+        self.console_fd = -1  # our side of the container's console (pty slave or caller's tty)
+        self.stdin_fd = -1
+        self.stdin_open = False
+        self.out_fds = {protocol.STDOUT: 1, protocol.STDERR: 2}
+        self.next_stream = 2
+        self.sig_r, self.sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # ---- process set-up -------------------------------------------------------------------
+
+    def _detach(self) -> None:
+        os.setsid()
+        log_path = os.path.join(self.cfg.state_dir, state.LOG_FILE)
+        logfd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        keep = {0, 1, 2, logfd, self.sync.fileno() if self.sync else -1, self.sig_r, self.sig_w}
+        if self.terminal and not self.cfg.use_stdio_tty:
+            # The container's console is the pty; the caller's stdio must not be held open.
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            os.close(devnull)
+        for fd in _open_fds():
+            if fd not in keep:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        # Our diagnostics go to our own log, never to fd 2 (the container's stderr).
+        sys.stderr = open(logfd, "w", buffering=1, closefd=True)  # noqa: SIM115
+        root = logging.getLogger("bonneville")
+        root.handlers.clear()
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.DEBUG)
+        root.propagate = False
+
+    def _install_signals(self) -> None:
+        signal.set_wakeup_fd(self.sig_w, warn_on_full_buffer=False)
+        for signum in range(1, signal.NSIG):
+            if signum in (signal.SIGKILL, signal.SIGSTOP, signal.SIGPIPE):
+                continue
+            with contextlib.suppress(OSError, ValueError, RuntimeError):
+                signal.signal(signum, lambda *_: None)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+    def _enter_namespaces(self) -> None:
+        hostns.make_private_mount_namespace()
+        if self.spec.linux is None:
+            return
+        for ns in self.spec.linux.namespaces:
+            if ns.type != "network":
+                # Every other namespace is the VM itself: the guest has its own kernel.
+                continue
+            if ns.path:
+                hostns.setns(ns.path, hostns.CLONE_NEWNET)
+            else:
+                hostns.unshare(hostns.CLONE_NEWNET)
+
+    def _prepare_share(self) -> str:
+        share = os.path.join(self.cfg.state_dir, state.SHARE_DIR)
+        os.mkdir(share, 0o755)
+        rootfs = self.cfg.bundle.rootfs
+        hostns.bind(rootfs, share, recursive=True, flags=0)
+        for m in self.spec.mounts:
+            is_dir = True
+            if m.is_bind:
+                source = (
+                    m.source
+                    if os.path.isabs(m.source)
+                    else os.path.join(self.cfg.bundle.path, m.source)
+                )
+                if not os.path.exists(source):
+                    raise SetupFailed(f"mount source {m.source} for {m.destination} does not exist")
+                is_dir = os.path.isdir(source)
+            target = hostns.make_mountpoint(share, m.destination, is_dir)
+            if m.is_bind:
+                flags = hostns.option_flags(m.options)
+                hostns.bind(source, target, "rbind" in m.options, flags | hostns.MS_NOSUID)
+        # Device nodes or setuid files a guest creates must be inert on the host.
+        flags = hostns.MS_NOSUID | hostns.MS_NODEV
+        if self.spec.root.readonly:
+            flags |= hostns.MS_RDONLY
+        hostns.mount("none", share, None, hostns.MS_BIND | hostns.MS_REMOUNT | flags)
+        return share
+
+    def _container_setup(self) -> dict[str, Any]:
+        linux = self.spec.linux
+        mounts = [
+            {
+                "destination": m.destination,
+                "type": m.type,
+                "source": m.source,
+                "options": list(m.options),
+            }
+            for m in self.spec.mounts
+        ]
+        return {
+            "hostname": self.spec.hostname,
+            "domainname": self.spec.domainname,
+            "readonly": self.spec.root.readonly,
+            "mounts": mounts,
+            "maskedPaths": list(linux.masked_paths) if linux else [],
+            "readonlyPaths": list(linux.readonly_paths) if linux else [],
+            "sysctl": dict(linux.sysctl) if linux else {},
+            "time": time.time(),
+            "entropy": base64.b64encode(os.urandom(64)).decode(),
+        }
+
+    def _launch(self, share: str) -> None:
+        from bonneville.guest.image import ensure_image
+
+        resources = self.spec.linux.resources if self.spec.linux else None
+        host_cpus = os.cpu_count() or 1
+        self.backend = get_backend(self.cfg.backend)
+        if self.cfg.backend == "fake":
+            kernel = initrd = ""
+            kernel_args: tuple[str, ...] = ()
+        else:
+            image = ensure_image()
+            kernel, initrd, kernel_args = image.kernel, image.initrd, image.kernel_args
+        vm_config = VMConfig(
+            container_id=self.cfg.container_id,
+            memory_mib=resources.memory_mib() if resources else 256,
+            vcpus=resources.vcpus(host_cpus) if resources else 1,
+            share_dir=share,
+            run_dir=self.cfg.state_dir,
+            kernel=kernel,
+            initrd=initrd,
+            readonly_share=self.spec.root.readonly,
+            kernel_args=kernel_args,
+        )
+        self.vm = self.backend.launch(vm_config)
+        self.agent = AgentConnection(self.vm.channel)
+        self.agent.call("hello", AGENT_BOOT_TIMEOUT, version=protocol.VERSION)
+        self.agent.call("setup", AGENT_CALL_TIMEOUT, container=self._container_setup())
+
+    def _open_console(self) -> None:
+        if not self.terminal:
+            return
+        if self.cfg.use_stdio_tty:
+            self.console_fd = 0
+            return
+        if not self.cfg.console_socket:
+            raise SetupFailed(
+                "cannot allocate tty if bonneville will detach without setting console socket"
+            )
+        master, slave = os.openpty()
+        # The guest's pty does the line discipline; ours must pass bytes through untouched.
+        tty.setraw(slave)
+        process = self.spec.process
+        if process and process.console_size:
+            rows, cols = process.console_size
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        # Becoming the slave's controlling process gives us SIGWINCH when the caller resizes.
+        with contextlib.suppress(OSError):
+            fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+        try:
+            sock = unixsock.connect_unix(self.cfg.console_socket, timeout=10)
+        except OSError as exc:
+            raise SetupFailed(
+                f"cannot connect to console socket {self.cfg.console_socket}: {exc.strerror}"
+            ) from exc
+        with sock:
+            socket.send_fds(sock, [b"/dev/ptmx"], [master])
+        os.close(master)
+        self.console_fd = slave
+
+    def setup(self) -> None:
+        assert self.sync is not None
+        self._enter_namespaces()
+        # Phase 1: our namespaces exist; the CLI runs prestart/createRuntime hooks now
+        # (dockerd's libnetwork-setkey joins /proc/<our pid>/ns/net).
+        _send_json(self.sync, {"phase": "namespaces"})
+        go = unixsock.read_line(self.sync)
+        if not go or not json.loads(go).get("continue"):
+            raise SetupFailed("create was abandoned")
+        share = self._prepare_share()
+        self._launch(share)
+        self._open_console()
+        control_path = os.path.join(self.cfg.state_dir, state.SOCKET_FILE)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(control_path)
+        self.control = unixsock.bind_unix(control_path)
+        assert self.vm is not None
+        _send_json(self.sync, {"phase": "ready", "backend_state": self.vm.private_state()})
+
+    # ---- main -----------------------------------------------------------------------------
+
+    def main(self) -> int:
+        self._detach()
+        self._install_signals()
+        try:
+            self.setup()
+        except BaseException as exc:
+            message = (
+                str(exc) if isinstance(exc, BonnevilleError) else f"{type(exc).__name__}: {exc}"
+            )
+            log.error("setup failed: %s\n%s", message, traceback.format_exc())
+            if self.sync is not None:
+                with contextlib.suppress(OSError):
+                    _send_json(self.sync, {"phase": "error", "error": message})
+            self._teardown()
+            return 1
+        assert self.sync is not None
+        self.sync.close()
+        self.sync = None
+        return self.loop()
+
+    def loop(self) -> int:
+        assert self.agent is not None and self.vm is not None and self.control is not None
+        sel = self.selector
+        sel.register(self.agent.sock, selectors.EVENT_READ, "agent")
+        sel.register(self.control, selectors.EVENT_READ, "control")
+        sel.register(self.sig_r, selectors.EVENT_READ, "signal")
+        sel.register(self.vm.exit_fd(), selectors.EVENT_READ, "vm")
+        self._handle_frames(self.agent.take_backlog())
+        while self.exit_status is None:
+            for key, _ in sel.select():
+                what = key.data
+                if what == "agent":
+                    self._on_agent()
+                elif what == "control":
+                    self._on_control()
+                elif what == "signal":
+                    self._on_signals()
+                elif what == "vm":
+                    if self.vm.poll() and self.exit_status is None:
+                        log.error("the VM ended before the container's process did")
+                        self._finish(VM_KILLED_STATUS)
+                elif what == "stdin":
+                    self._on_stdin()
+                elif isinstance(what, tuple) and what[0] == "client":
+                    self._on_client(key.fileobj)  # type: ignore[arg-type]
+                if self.exit_status is not None:
+                    break
+        self._teardown()
+        return self.exit_status
+
+    def _teardown(self) -> None:
+        if self.vm is not None:
+            with contextlib.suppress(Exception):
+                self.vm.stop(timeout=2.0)
+        if self.control is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self.cfg.state_dir, state.SOCKET_FILE))
+
+    def _finish(self, status: int, signum: int | None = None) -> None:
+        """Record the exit status where the CLI finds it, then let the loop end."""
+        with contextlib.suppress(OSError):
+            state.atomic_write(
+                os.path.join(self.cfg.state_dir, state.EXIT_FILE),
+                json.dumps(
+                    {"status": status, "signal": signum, "time": state.now_rfc3339()}
+                ).encode(),
+            )
+        self.exit_status = status
+
+    # ---- agent ----------------------------------------------------------------------------
+
+    def _on_agent(self) -> None:
+        assert self.agent is not None
+        try:
+            frames = self.agent.receive()
+        except BonnevilleError as exc:
+            log.error("%s", exc)
+            self._finish(VM_KILLED_STATUS)
+            return
+        self._handle_frames(frames)
+        if self.agent.closed and self.exit_status is None:
+            log.error("the agent closed its channel")
+            self._finish(VM_KILLED_STATUS)
+
+    def _handle_frames(self, frames: list[tuple[int, int, bytes]]) -> None:
+        for ftype, stream, payload in frames:
+            if ftype in (protocol.STDOUT, protocol.STDERR):
+                if stream == protocol.INIT_STREAM and payload:
+                    self._write_output(ftype, payload)
+            elif ftype == protocol.CONTROL:
+                message = protocol.decode_control(payload)
+                op = message.get("op")
+                if op == "exit" and message.get("id") == protocol.INIT_STREAM:
+                    self._finish(
+                        int(message.get("status", VM_KILLED_STATUS)), message.get("signal")
+                    )
+                elif op == "log":
+                    log.info("agent: %s", message.get("msg"))
+
+    @property
+    def _pty_relay(self) -> bool:
+        """Output and input go through our pty slave (not the caller's own terminal)."""
+        return self.terminal and not self.cfg.use_stdio_tty
+
+    def _write_output(self, ftype: int, data: bytes) -> None:
+        fd = self.console_fd if self._pty_relay else self.out_fds[ftype]
+        if fd < 0:
+            return
+        try:
+            protocol.write_all(fd, data)
+        except OSError as exc:
+            if exc.errno not in (errno.EPIPE, errno.EIO, errno.EBADF):
+                raise
+            # The reader went away: drop this stream's output from now on, like a closed pipe.
+            if self._pty_relay:
+                self.console_fd = -1
+            else:
+                self.out_fds[ftype] = -1
+
+    # ---- stdin ----------------------------------------------------------------------------
+
+    def _start_stdin(self) -> None:
+        fd = self.console_fd if self._pty_relay else 0
+        if fd < 0:
+            return
+        self.stdin_fd = fd
+        self.stdin_open = True
+        try:
+            os.set_blocking(fd, False)
+            self.selector.register(fd, selectors.EVENT_READ, "stdin")
+        except (PermissionError, OSError):
+            # A regular file or /dev/null cannot be polled: it never blocks, read it now.
+            os.set_blocking(fd, True)
+            while self.stdin_open:
+                self._on_stdin(registered=False)
+
+    def _on_stdin(self, registered: bool = True) -> None:
+        assert self.agent is not None
+        try:
+            data = os.read(self.stdin_fd, 1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.agent.send_data(protocol.STDIN, protocol.INIT_STREAM, data)
+            return
+        self.stdin_open = False
+        if registered:
+            self.selector.unregister(self.stdin_fd)
+        if not self.terminal:
+            # EOF on the caller's stdin closes the container's stdin; a pty has no such EOF.
+            self.agent.send_data(protocol.STDIN, protocol.INIT_STREAM, b"")
+
+    # ---- control socket -------------------------------------------------------------------
+
+    def _on_control(self) -> None:
+        assert self.control is not None
+        try:
+            conn, _ = self.control.accept()
+        except OSError:
+            return
+        conn.setblocking(True)
+        conn.settimeout(5)
+        self.selector.register(conn, selectors.EVENT_READ, ("client",))
+
+    def _on_client(self, conn: socket.socket) -> None:
+        self.selector.unregister(conn)
+        try:
+            line = unixsock.read_line(conn)
+            request = json.loads(line) if line else {}
+        except (OSError, ValueError, BonnevilleError):
+            conn.close()
+            return
+        if not isinstance(request, dict):
+            conn.close()
+            return
+
+        def reply(message: dict[str, Any]) -> None:
+            with contextlib.suppress(OSError):
+                _send_json(conn, message)
+            conn.close()
+
+        try:
+            self._dispatch(request, reply)
+        except BonnevilleError as exc:
+            reply({"ok": False, "error": str(exc)})
+        except Exception as exc:
+            log.error("request %s failed: %s", request, traceback.format_exc())
+            reply({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+
+    def _dispatch(self, request: dict[str, Any], reply: Any) -> None:
+        assert self.agent is not None and self.vm is not None
+        op = request.get("op")
+        if op == "start":
+            self._start(reply)
+        elif op == "signal":
+            self._signal(
+                int(request.get("signal", signal.SIGTERM)), bool(request.get("all")), reply
+            )
+        elif op == "destroy":
+            self._finish(self.exit_status if self.exit_status is not None else VM_KILLED_STATUS)
+            reply({"ok": True})
+        elif op == "pause":
+            self.vm.pause()
+            reply({"ok": True})
+        elif op == "resume":
+            self.vm.resume()
+            reply({"ok": True})
+        elif op == "ps":
+            self.agent.request("ps", lambda r: reply(r))
+        else:
+            reply({"ok": False, "error": f"unknown request {op!r}"})
+
+    def _start(self, reply: Any) -> None:
+        assert self.agent is not None
+        if self.started:
+            reply({"ok": False, "error": "container already started"})
+            return
+        process = self.cfg.bundle.raw.get("process") or {}
+
+        def started(result: dict[str, Any]) -> None:
+            if result.get("ok"):
+                self.started = True
+                self._start_stdin()
+                self._send_window_size()
+                reply({"ok": True, "pid": result.get("pid")})
+            else:
+                reply({"ok": False, "error": result.get("error", "exec failed")})
+                # runc: a failed start leaves the container stopped.
+                self._finish(1)
+
+        self.agent.request("exec", started, id=protocol.INIT_STREAM, process=process, stdin=True)
+
+    def _signal(self, signum: int, all_processes: bool, reply: Any) -> None:
+        assert self.agent is not None
+        if not self.started:
+            if signum in IGNORED_BY_DEFAULT:
+                reply({"ok": True})
+                return
+            # The process never ran: the signal's default action ends the container.
+            self._finish(128 + signum, signum)
+            reply({"ok": True})
+            return
+        self.agent.request(
+            "signal",
+            lambda r: reply(r),
+            id=protocol.INIT_STREAM,
+            signal=signum,
+            all=all_processes,
+        )
+
+    # ---- signals sent to the monitor itself ------------------------------------------------
+
+    def _on_signals(self) -> None:
+        try:
+            data = os.read(self.sig_r, 1024)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum == signal.SIGCHLD:
+                continue
+            if signum == signal.SIGWINCH:
+                self._send_window_size()
+                continue
+            if signum == signal.SIGHUP and self.terminal:
+                # The console's other end closed; the guest's pty hangs up on its own.
+                continue
+            self._signal(signum, False, lambda _r: None)
+
+    def _send_window_size(self) -> None:
+        if not self.terminal or self.console_fd < 0 or not self.started or self.agent is None:
+            return
+        try:
+            packed = fcntl.ioctl(self.console_fd, termios.TIOCGWINSZ, b"\0" * 8)
+        except OSError:
+            return
+        rows, cols, _, _ = struct.unpack("HHHH", packed)
+        if rows and cols:
+            self.agent.request(
+                "resize", lambda _r: None, id=protocol.INIT_STREAM, rows=rows, cols=cols
+            )
+
+
+def _open_fds() -> list[int]:
+    try:
+        return [int(n) for n in os.listdir("/proc/self/fd")]
+    except OSError:
+        return list(range(3, 1024))

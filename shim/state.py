@@ -1,0 +1,175 @@
+"""The state store: one directory per container under --root, atomic writes, flock.
+
+Layout of ``<root>/<id>/``:
+  state.json   written only by the CLI, under the exclusive lock
+  exit.json    written once by the monitor when the container's init ends
+  monitor.sock the monitor's control socket
+  monitor.log  the monitor's diagnostics
+  share/       mount point of the container root exported to the VM
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from bonneville.spec.errors import BonnevilleError, ContainerExists, ContainerNotFound
+
+DEFAULT_ROOT = "/run/bonneville"
+OCI_VERSION = "1.1.0"
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+.-]{0,1023}$")
+
+STATE_FILE = "state.json"
+EXIT_FILE = "exit.json"
+SOCKET_FILE = "monitor.sock"
+LOG_FILE = "monitor.log"
+SHARE_DIR = "share"
+
+
+def validate_id(container_id: str) -> str:
+    """Refuse ids that could escape --root or confuse tools (runc's rules)."""
+    if not _ID_RE.match(container_id) or container_id in (".", ".."):
+        raise BonnevilleError(
+            f"invalid container id {container_id!r}: must match [A-Za-z0-9][A-Za-z0-9_+.-]*"
+        )
+    return container_id
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class ContainerState:
+    """What the CLI records about a container; the live status is derived, never stored."""
+
+    id: str
+    bundle: str
+    rootfs: str
+    backend: str
+    created: str = field(default_factory=now_rfc3339)
+    owner: str = ""
+    annotations: dict[str, str] = field(default_factory=dict)
+    # The create command's own process while status is "creating" (a crashed create is stopped).
+    creator_pid: int = 0
+    creator_start: int | None = None
+    # The monitor: the PID in --pid-file and state.pid.
+    pid: int = 0
+    pid_start: int | None = None
+    created_done: bool = False
+    started: bool = False
+    paused: bool = False
+    # Opaque to the core: whatever the backend needs to check on or destroy its VM.
+    backend_state: dict[str, Any] = field(default_factory=dict)
+    # Raw poststop hooks from config.json: delete runs them even if the bundle is gone.
+    poststop_hooks: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ContainerState:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Write to a temp file in the same directory, fsync, rename (readers never see halves)."""
+    directory = os.path.dirname(path) or "."
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class Store:
+    """The --root directory."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+
+    def path(self, container_id: str, *parts: str) -> str:
+        return os.path.join(self.root, container_id, *parts)
+
+    def create_dir(self, container_id: str) -> str:
+        """Make the container's directory; its existence is the duplicate-id check."""
+        validate_id(container_id)
+        os.makedirs(self.root, mode=0o711, exist_ok=True)
+        directory = self.path(container_id)
+        try:
+            os.mkdir(directory, 0o711)
+        except FileExistsError as exc:
+            raise ContainerExists(container_id) from exc
+        return directory
+
+    @contextlib.contextmanager
+    def lock(self, container_id: str, exclusive: bool = True) -> Iterator[None]:
+        """flock the container's directory; raises ContainerNotFound if it is gone."""
+        validate_id(container_id)
+        try:
+            fd = os.open(self.path(container_id), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError as exc:
+            raise ContainerNotFound(container_id) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            # A delete that held the lock before us may have removed the directory.
+            if not os.path.isdir(self.path(container_id)):
+                raise ContainerNotFound(container_id)
+            yield
+        finally:
+            os.close(fd)
+
+    def load(self, container_id: str) -> ContainerState:
+        validate_id(container_id)
+        try:
+            with open(self.path(container_id, STATE_FILE), "rb") as f:
+                data = json.load(f)
+            return ContainerState.from_json(data)
+        except FileNotFoundError as exc:
+            raise ContainerNotFound(container_id) from exc
+        except (ValueError, TypeError) as exc:
+            raise BonnevilleError(f"container {container_id}: damaged state file: {exc}") from exc
+
+    def save(self, state: ContainerState) -> None:
+        atomic_write(
+            self.path(state.id, STATE_FILE), json.dumps(state.to_json(), indent=1).encode()
+        )
+
+    def read_exit(self, container_id: str) -> dict[str, Any] | None:
+        try:
+            with open(self.path(container_id, EXIT_FILE), "rb") as f:
+                data = json.load(f)
+        except (FileNotFoundError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def remove(self, container_id: str) -> None:
+        shutil.rmtree(self.path(container_id), ignore_errors=True)
+
+    def ids(self) -> list[str]:
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if _ID_RE.match(n) and os.path.isdir(self.path(n)))

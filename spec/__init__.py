@@ -1,0 +1,5 @@
+"""config.json, state and features: loading, JSON-Schema validation and defaults.
+
+Submodules are imported by name (``bonneville.spec.config``) so that light commands never pay for
+the heavy ones.
+"""

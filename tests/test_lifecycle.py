@@ -1,0 +1,366 @@
+"""The runc-compatible lifecycle through the real CLI.
+
+Here with the fake backend (the real agent as a host process: seconds, no VM); the same cases
+run against real QEMU VMs in integration/test_lifecycle.py, which overrides `backend_name`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bonneville.backends import procfs
+from conftest import Runtime, default_config, leftover_processes, write_bundle
+
+
+@pytest.fixture
+def backend_name() -> str:
+    return "fake"
+
+
+@pytest.fixture
+def runtime(tmp_path: Path, backend_name: str) -> Iterator[Runtime]:
+    rt = Runtime(tmp_path / "state", backend_name)
+    yield rt
+    rt.cleanup()
+    assert leftover_processes(str(rt.root)) == []
+
+
+def make_bundle(tmp_path: Path, args: list[str], name: str = "bundle", **changes: object) -> Path:
+    config = default_config(args)
+    config.update(changes)
+    return write_bundle(tmp_path / name, config)
+
+
+def wait_status(rt: Runtime, cid: str, wanted: str, timeout: float = 60) -> dict[str, object]:
+    """Poll `state` (as runtime-tools does) until the status is reached; a hang guard only."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = rt.state(cid)
+        if st["status"] == wanted or time.monotonic() > deadline:
+            return st
+        time.sleep(0.1)
+
+
+def test_run_prints_output_and_exits_with_status(runtime: Runtime, tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path, ["sh", "-c", "echo hello; echo oops >&2; exit 7"])
+    result = runtime("run", "--bundle", str(bundle), "c1")
+    assert result.stdout == b"hello\n"
+    assert result.stderr == b"oops\n"
+    assert result.returncode == 7
+    # run deletes the container afterwards, like runc.
+    assert runtime("state", "c1").returncode == 1
+
+
+def test_stdin_piped_into_run_reaches_the_container(runtime: Runtime, tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path, ["sh", "-c", "tr a-z A-Z"])
+    result = runtime("run", "--bundle", str(bundle), "c1", input=b"piped input\n")
+    assert result.stdout == b"PIPED INPUT\n"
+    assert result.returncode == 0
+
+
+def test_full_lifecycle(runtime: Runtime, tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path, ["sh", "-c", "echo started > /tmp/marker; sleep 1000"])
+    pid_file = tmp_path / "init.pid"
+    runtime("create", "--bundle", str(bundle), "--pid-file", str(pid_file), "c1", check=True)
+    st = runtime.state("c1")
+    assert st["status"] == "created"
+    pid_text = pid_file.read_text()
+    assert pid_text.isdigit(), "the pid file holds digits only, no newline"
+    assert st["pid"] == int(pid_text) and os.path.exists(f"/proc/{pid_text}")
+    assert st["bundle"] == str(bundle) and st["id"] == "c1" and st["ociVersion"]
+    runtime("start", "c1", check=True)
+    assert runtime.state("c1")["status"] == "running"
+    start_again = runtime("start", "c1")
+    assert start_again.returncode == 1 and b"running" in start_again.stderr
+    runtime("kill", "c1", "TERM", check=True)
+    st = wait_status(runtime, "c1", "stopped")
+    assert st["status"] == "stopped"
+    assert (bundle / "rootfs" / "tmp" / "marker").read_text() == "started\n"
+    not_running = runtime("kill", "c1", "KILL")
+    assert not_running.returncode == 1 and b"container not running" in not_running.stderr
+    runtime("delete", "c1", check=True)
+    assert not (runtime.root / "c1").exists()
+    assert runtime("state", "c1").stderr.strip() == b"bonneville: container c1 does not exist"
+
+
+def test_monitor_exits_with_the_container_status(runtime: Runtime, tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path, ["sleep", "1000"])
+    pid_file = tmp_path / "pid"
+    runtime("create", "-b", str(bundle), "--pid-file", str(pid_file), "c1", check=True)
+    runtime("start", "c1", check=True)
+    runtime("kill", "c1", "9", check=True)
+    assert wait_status(runtime, "c1", "stopped")["status"] == "stopped"
+    runtime("delete", "c1", check=True)
+
+
+def test_delete_of_created_container_kills_it(runtime: Runtime, tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path, ["sleep", "1000"])
+    runtime("create", "-b", str(bundle), "c1", check=True)
+    pid = int(runtime.state("c1")["pid"])  # type: ignore[call-overload]
+    runtime("delete", "c1", check=True)
+    assert not procfs.is_alive(pid, None)
+    assert not (runtime.root / "c1").exists()
+
+
+def test_delete_of_running_container_needs_force(runtime: Runtime, tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path, ["sleep", "1000"])
+    runtime("create", "-b", str(bundle), "c1", check=True)
+    runtime("start", "c1", check=True)
+    refused = runtime("delete", "c1")
+    assert refused.returncode == 1 and b"not stopped: running" in refused.stderr
+    runtime("delete", "--force", "c1", check=True)
+    assert not (runtime.root / "c1").exists()
+
+
+def test_kill_of_created_container_stops_it(runtime: Runtime, tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path, ["sleep", "1000"])
+    runtime("create", "-b", str(bundle), "c1", check=True)
+    runtime("kill", "c1", "SIGKILL", check=True)
+    assert wait_status(runtime, "c1", "stopped")["status"] == "stopped"
+    runtime("delete", "c1", check=True)
+
+
+def test_delete_force_of_unknown_id_succeeds(runtime: Runtime) -> None:
+    assert runtime("delete", "--force", "nothing-here").returncode == 0
+
+
+@pytest.mark.parametrize("command", [["state"], ["kill"], ["delete"], ["start"]])
+def test_unknown_id(runtime: Runtime, command: list[str]) -> None:
+    result = runtime(*command, "ghost")
+    assert result.returncode == 1
+    assert result.stderr.strip() == b"bonneville: container ghost does not exist"
+
+
+def test_bind_mount_and_hostname(runtime: Runtime, tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "in.txt").write_text("from host\n")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    config = default_config(
+        [
+            "sh",
+            "-c",
+            "cat /data/in.txt; echo from guest > /data/out.txt; hostname;"
+            " echo x > /ro/f || echo ro-refused",
+        ]
+    )
+    mounts = config["mounts"]
+    assert isinstance(mounts, list)
+    mounts.append(
+        {"destination": "/data", "type": "bind", "source": str(shared), "options": ["rbind", "rw"]}
+    )
+    mounts.append(
+        {"destination": "/ro", "type": "bind", "source": str(ro), "options": ["bind", "ro"]}
+    )
+    config["hostname"] = "boxy"
+    bundle = write_bundle(tmp_path / "bundle", config)
+    result = runtime("run", "-b", str(bundle), "c1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[:3] == [b"from host", b"boxy", b"ro-refused"]
+    assert (shared / "out.txt").read_text() == "from guest\n"
+    assert not (ro / "f").exists()
+    # The bind mounts lived in the monitor's private mount namespace only.
+    assert str(runtime.root) not in Path("/proc/self/mountinfo").read_text()
+
+
+def test_hooks_get_state_on_stdin(runtime: Runtime, tmp_path: Path) -> None:
+    out = tmp_path / "hooks"
+    out.mkdir()
+    script = tmp_path / "hook.sh"
+    script.write_text(f"#!/bin/sh\ncat > {out}/$1.json\n")
+    script.chmod(0o755)
+    hooks = {
+        kind: [{"path": str(script), "args": ["hook.sh", kind]}]
+        for kind in (
+            "prestart",
+            "createRuntime",
+            "createContainer",
+            "startContainer",
+            "poststart",
+            "poststop",
+        )
+    }
+    bundle = make_bundle(tmp_path, ["true"], hooks=hooks)
+    runtime("create", "-b", str(bundle), "c1", check=True)
+    pid = runtime.state("c1")["pid"]
+    runtime("start", "c1", check=True)
+    wait_status(runtime, "c1", "stopped")
+    runtime("delete", "c1", check=True)
+    for kind in hooks:
+        data = json.loads((out / f"{kind}.json").read_text())
+        assert data["id"] == "c1" and data["pid"] == pid, kind
+        assert data["bundle"] == str(bundle)
+
+
+def test_failing_prestart_hook_leaves_nothing(runtime: Runtime, tmp_path: Path) -> None:
+    hooks = {"prestart": [{"path": "/bin/false"}]}
+    bundle = make_bundle(tmp_path, ["true"], hooks=hooks)
+    result = runtime("create", "-b", str(bundle), "c1")
+    assert result.returncode == 1
+    assert b"prestart hook" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert not (runtime.root / "c1").exists()
+
+
+def test_list_formats(runtime: Runtime, tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path, ["sleep", "1000"])
+    runtime("create", "-b", str(bundle), "c1", check=True)
+    listed = json.loads(runtime("list", "--format", "json", check=True).stdout)
+    assert [(c["id"], c["status"]) for c in listed] == [("c1", "created")]
+    assert runtime("list", "-q", check=True).stdout == b"c1\n"
+    table = runtime("list", check=True).stdout.decode().splitlines()
+    assert table[0].split()[:3] == ["ID", "PID", "STATUS"] and table[1].startswith("c1 ")
+    runtime("delete", "c1", check=True)
+
+
+def test_json_log_carries_the_error(runtime: Runtime, tmp_path: Path) -> None:
+    log = tmp_path / "log.json"
+    result = subprocess.run(
+        [
+            "bonneville",
+            "--root",
+            str(runtime.root),
+            "--log",
+            str(log),
+            "--log-format",
+            "json",
+            "kill",
+            "ghost",
+            "9",
+        ],
+        capture_output=True,
+        check=False,
+    )
+    assert result.returncode == 1
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    assert entries[-1]["level"] == "error"
+    assert entries[-1]["msg"] == "container ghost does not exist"
+    assert "time" in entries[-1]
+
+
+def test_console_socket_receives_a_pty(runtime: Runtime, tmp_path: Path) -> None:
+    config = default_config(["sh", "-c", "tty; stty size"], terminal=True)
+    process = config["process"]
+    assert isinstance(process, dict)
+    process["consoleSize"] = {"height": 33, "width": 101}
+    bundle = write_bundle(tmp_path / "bundle", config)
+    sock_path = tmp_path / "console.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(sock_path))
+    server.listen(1)
+    try:
+        create = subprocess.Popen(
+            runtime.argv("create", "-b", str(bundle), "--console-socket", str(sock_path), "c1")
+        )
+        conn, _ = server.accept()
+        _, fds, _, _ = socket.recv_fds(conn, 1024, 1)
+        conn.close()
+        assert create.wait(timeout=180) == 0
+        master = fds[0]
+        runtime("start", "c1", check=True)
+        output = b""
+        deadline = time.monotonic() + 60
+        while b"101" not in output and time.monotonic() < deadline:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            output += chunk
+        os.close(master)
+        assert b"/dev/pts/" in output
+        assert b"33 101" in output
+    finally:
+        server.close()
+    wait_status(runtime, "c1", "stopped")
+    runtime("delete", "c1", check=True)
+
+
+def test_signal_forwarded_to_monitor_pid(runtime: Runtime, tmp_path: Path) -> None:
+    bundle = make_bundle(
+        tmp_path,
+        [
+            "sh",
+            "-c",
+            "trap 'echo got-usr1 > /tmp/sig; exit 3' USR1; while true; do sleep 0.1; done",
+        ],
+    )
+    runtime("create", "-b", str(bundle), "c1", check=True)
+    runtime("start", "c1", check=True)
+    pid = int(runtime.state("c1")["pid"])  # type: ignore[call-overload]
+    time.sleep(0.5)  # let the shell install its trap (there is no event to wait on)
+    os.kill(pid, signal.SIGUSR1)
+    assert wait_status(runtime, "c1", "stopped")["status"] == "stopped"
+    assert (bundle / "rootfs" / "tmp" / "sig").read_text() == "got-usr1\n"
+    runtime("delete", "c1", check=True)
+
+
+BAD_INPUTS = {
+    "missing config": lambda b: (b / "config.json").unlink(),
+    "malformed config": lambda b: (b / "config.json").write_text("{nope"),
+    "schema violation": lambda b: (b / "config.json").write_text(
+        json.dumps({"ociVersion": "1.0.0", "root": {"path": 5}})
+    ),
+    "bad ociVersion": lambda b: (b / "config.json").write_text(
+        json.dumps({**json.loads((b / "config.json").read_text()), "ociVersion": "2.0.0"})
+    ),
+    "missing rootfs": lambda b: os.rename(b / "rootfs", b / "gone"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gives_one_line_and_leaves_nothing(
+    runtime: Runtime, tmp_path: Path, case: str
+) -> None:
+    bundle = make_bundle(tmp_path, ["true"])
+    BAD_INPUTS[case](bundle)
+    result = runtime("create", "-b", str(bundle), "c1")
+    assert result.returncode == 1
+    lines = result.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bonneville: "), lines
+    assert not (runtime.root / "c1").exists()
+
+
+@pytest.mark.parametrize("bad_id", ["a/b", "..", "../escape"])
+def test_bad_ids(runtime: Runtime, tmp_path: Path, bad_id: str) -> None:
+    bundle = make_bundle(tmp_path, ["true"])
+    result = runtime("create", "-b", str(bundle), bad_id)
+    assert result.returncode == 1 and b"invalid container id" in result.stderr
+    assert not runtime.root.exists() or os.listdir(runtime.root) == []
+
+
+def test_duplicate_id(runtime: Runtime, tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path, ["sleep", "100"])
+    runtime("create", "-b", str(bundle), "c1", check=True)
+    dup = runtime("create", "-b", str(bundle), "c1")
+    assert dup.returncode == 1
+    assert dup.stderr.strip() == b"bonneville: container with id exists: c1"
+    assert runtime.state("c1")["status"] == "created"
+    runtime("delete", "c1", check=True)
+
+
+def test_usage_errors_exit_1(runtime: Runtime) -> None:
+    result = runtime("kill")
+    assert result.returncode == 1 and len(result.stderr.splitlines()) == 1
+    result = runtime("kill", "c1", "NOTASIGNAL")
+    assert result.returncode == 1
+
+
+def test_spec_and_features(tmp_path: Path) -> None:
+    subprocess.run(["bonneville", "spec", "-b", str(tmp_path)], check=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["process"]["args"] == ["sh"] and config["root"]["path"] == "rootfs"
+    again = subprocess.run(["bonneville", "spec", "-b", str(tmp_path)], capture_output=True)
+    assert again.returncode == 1 and b"exists" in again.stderr
+    features = json.loads(
+        subprocess.run(["bonneville", "features"], capture_output=True, check=True).stdout
+    )
+    assert features["ociVersionMin"].startswith("1.")
