@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -80,14 +81,21 @@ class Runtime:
     def __call__(
         self, *args: str, input: bytes | None = None, timeout: float = 180, check: bool = False
     ) -> subprocess.CompletedProcess[bytes]:
-        result = subprocess.run(
-            self.argv(*args),
-            input=input,
-            stdin=None if input is not None else subprocess.DEVNULL,
-            capture_output=True,
-            timeout=timeout,
-            check=False,
-        )
+        # Files, not pipes: after `create`, the monitor keeps the container's stdio open (as
+        # runc's container does), so reading a pipe to EOF would wait for the container.
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            proc = subprocess.run(
+                self.argv(*args),
+                input=input,
+                stdin=None if input is not None else subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                timeout=timeout,
+                check=False,
+            )
+            out.seek(0)
+            err.seek(0)
+            result = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
         if check and result.returncode != 0:
             raise AssertionError(
                 f"bonneville {' '.join(args)} failed ({result.returncode}): {result.stderr!r}"

@@ -11,6 +11,6 @@ trap 'rm -rf "$typeroot"' EXIT
 mkdir "$typeroot/bonneville"
 for d in shim spec backends guest; do ln -s "$PWD/$d" "$typeroot/bonneville/$d"; done
 (cd "$typeroot" && "$VENV/bin/mypy" --strict --namespace-packages --explicit-package-bases \
-    --cache-dir /tmp/bonneville-mypy-cache -p bonneville.shim -p bonneville.spec -p bonneville.backends \
-    bonneville/guest/protocol.py bonneville/guest/image.py)
+    --cache-dir /tmp/bonneville-mypy-cache bonneville/shim bonneville/spec bonneville/backends \
+    bonneville/guest)
 exec "$VENV/bin/python" -m pytest -p no:cacheprovider "$@"

@@ -1,0 +1,42 @@
+"""The lifecycle cases of tests/test_lifecycle.py, each container a real QEMU VM."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import Runtime
+from tests.test_lifecycle import *  # noqa: F403 - the same cases, another backend
+from tests.test_lifecycle import make_bundle
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture
+def backend_name() -> str:
+    return "qemu"
+
+
+def test_the_container_runs_in_a_vm(runtime: Runtime, tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path, ["uname", "-r"])
+    result = runtime("run", "-b", str(bundle), "vm1")
+    assert result.returncode == 0, result.stderr
+    guest_release = result.stdout.decode().strip()
+    assert guest_release and guest_release != os.uname().release
+
+
+def test_resources_shape_the_vm(runtime: Runtime, tmp_path: Path) -> None:
+    bundle = make_bundle(
+        tmp_path,
+        ["sh", "-c", "grep MemTotal /proc/meminfo; nproc"],
+        linux={"resources": {"memory": {"limit": 384 * 1024 * 1024},
+                             "cpu": {"quota": 200000, "period": 100000}}},
+    )
+    result = runtime("run", "-b", str(bundle), "vm2")
+    assert result.returncode == 0, result.stderr
+    mem_line, nproc = result.stdout.decode().splitlines()
+    mem_kib = int(mem_line.split()[1])
+    assert 300 * 1024 < mem_kib <= 384 * 1024
+    assert nproc.strip() == str(min(2, os.cpu_count() or 1))
