@@ -83,7 +83,9 @@ def test_host_client_reports_refusals_and_garbage() -> None:
     host, guest = socket.socketpair()
     with host, guest:
         conn = AgentConnection(host)
-        guest.sendall(protocol.encode_control({"op": "reply", "req": 1, "ok": False, "error": "no"}))
+        guest.sendall(
+            protocol.encode_control({"op": "reply", "req": 1, "ok": False, "error": "no"})
+        )
         with pytest.raises(AgentError, match="no"):
             conn.call("signal", timeout=5)
         guest.sendall(b"\xee" * 8)
