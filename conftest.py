@@ -35,7 +35,7 @@ def make_busybox_rootfs(rootfs: Path) -> Path:
 
 
 def default_config(args: list[str], terminal: bool = False) -> dict[str, object]:
-    """The config.json `bonneville spec` would write, with the given args."""
+    """The config.json `bonneville spec` would write, with the given args and a writable root."""
     from bonneville.spec.defaults import default_spec
 
     config = default_spec()
@@ -43,6 +43,8 @@ def default_config(args: list[str], terminal: bool = False) -> dict[str, object]
     assert isinstance(process, dict)
     process["args"] = args
     process["terminal"] = terminal
+    # runc's default root is read-only; tests write into it and check from the host.
+    config["root"] = {"path": "rootfs", "readonly": False}
     return config
 
 

@@ -66,3 +66,4 @@ def kill_tree(pid: int, sig: int) -> None:
             os.kill(target, sig)
         except ProcessLookupError:
             pass
+

@@ -31,8 +31,12 @@ def test_resources_shape_the_vm(runtime: Runtime, tmp_path: Path) -> None:
     bundle = make_bundle(
         tmp_path,
         ["sh", "-c", "grep MemTotal /proc/meminfo; nproc"],
-        linux={"resources": {"memory": {"limit": 384 * 1024 * 1024},
-                             "cpu": {"quota": 200000, "period": 100000}}},
+        linux={
+            "resources": {
+                "memory": {"limit": 384 * 1024 * 1024},
+                "cpu": {"quota": 200000, "period": 100000},
+            }
+        },
     )
     result = runtime("run", "-b", str(bundle), "vm2")
     assert result.returncode == 0, result.stderr

@@ -53,10 +53,12 @@ def _register() -> None:
     from bonneville.shim.commands import (
         create,
         delete,
+        exec,
         features,
         image,
         kill,
         pause,
+        ps,
         run,
         spec,
         start,
@@ -66,7 +68,8 @@ def _register() -> None:
         list as list_cmd,
     )
 
-    for module in (create, delete, features, image, kill, list_cmd, pause, run, spec, start, state):
+    modules = (create, delete, exec, features, image, kill, list_cmd, pause, ps, run, spec, start)
+    for module in (*modules, state):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -456,3 +456,109 @@ def resume(ctx: Context, container_id: str) -> None:
         _monitor_call(ctx, st, {"op": "resume"})
         st.paused = False
         ctx.store.save(st)
+
+
+# ---- exec -----------------------------------------------------------------------------------
+
+
+def exec_process(
+    ctx: Context,
+    container_id: str,
+    process: dict[str, Any],
+    console_socket: str | None = None,
+    detach: bool = False,
+    pid_file: str | None = None,
+) -> int:
+    """Run ``process`` (an OCI process object) in a running container; its exit status
+    (0 with ``detach``, once it runs). The PID in ``pid_file`` is its host proxy."""
+    from bonneville.shim.execproxy import ExecProxy
+    from bonneville.spec.config import parse_process
+
+    parse_process(process, "process")
+    if process.get("terminal") and not console_socket and detach:
+        raise BonnevilleError(
+            "cannot allocate tty if bonneville will detach without setting console socket"
+        )
+    with ctx.store.lock(container_id, exclusive=False):
+        st = ctx.store.load(container_id)
+        status = refresh(ctx, st)
+        if status is not Status.RUNNING:
+            raise InvalidState(f"cannot exec in a {status.value} container", status.value)
+    proxy = ExecProxy(ctx.store.path(container_id, state.SOCKET_FILE), process, console_socket)
+    if not detach:
+        proxy.start()
+        if pid_file:
+            write_pid_file(pid_file, os.getpid())
+        return proxy.relay()
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        os.close(ready_r)
+        status_code = 1
+        try:
+            proxy.start()
+
+            def ready() -> None:
+                os.write(ready_w, b"\n")
+                os.close(ready_w)
+
+            status_code = proxy.relay(ready)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                os.write(ready_w, ("E" + str(exc).replace("\n", " ") + "\n").encode())
+        finally:
+            os._exit(status_code)
+    os.close(ready_w)
+    with os.fdopen(ready_r, "rb") as reader:
+        answer = reader.readline().decode(errors="replace")
+    if answer != "\n":
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        raise BonnevilleError(answer[1:].strip() or "exec failed")
+    if pid_file:
+        write_pid_file(pid_file, pid)
+    return 0
+
+
+def process_for_exec(
+    st_bundle: str,
+    args: list[str],
+    env: list[str],
+    cwd: str | None,
+    user: str | None,
+    tty: bool,
+) -> dict[str, Any]:
+    """runc's exec without --process: the container's own process with these changes."""
+    from bonneville.spec.config import load_bundle
+
+    raw = dict(load_bundle(st_bundle, validate=False).raw.get("process") or {})
+    if not args:
+        raise BonnevilleError("exec: a command or --process is required")
+    raw["args"] = args
+    raw["terminal"] = tty
+    raw.pop("consoleSize", None)
+    if env:
+        raw["env"] = list(raw.get("env") or []) + env
+    if cwd:
+        raw["cwd"] = cwd
+    if user:
+        uid, _, gid = user.partition(":")
+        if not uid.isdigit() or (gid and not gid.isdigit()):
+            raise BonnevilleError(f"invalid user {user!r}: want UID[:GID]")
+        raw["user"] = {**(raw.get("user") or {}), "uid": int(uid), "gid": int(gid or 0)}
+    return raw
+
+
+def bundle_of(ctx: Context, container_id: str) -> str:
+    with ctx.store.lock(container_id, exclusive=False):
+        return ctx.store.load(container_id).bundle
+
+
+def ps(ctx: Context, container_id: str) -> list[int]:
+    """Host PIDs of the container: its monitor and what runs under it (the VM)."""
+    with ctx.store.lock(container_id, exclusive=False):
+        st = ctx.store.load(container_id)
+        status = refresh(ctx, st)
+        if status is Status.STOPPED:
+            return []
+        return [st.pid, *procfs.descendants(st.pid)]

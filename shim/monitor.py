@@ -88,7 +88,8 @@ class Monitor:
         self.backend: Backend | None = None
         self.vm: VM | None = None
         self.agent: AgentConnection | None = None
-        self.selector = selectors.DefaultSelector()
+        # Made after _detach, which closes every descriptor it does not know.
+        self.selector: selectors.BaseSelector = selectors.SelectSelector()
         self.control: socket.socket | None = None
         self.started = False
         self.exit_status: int | None = None
@@ -97,7 +98,8 @@ class Monitor:
         self.stdin_fd = -1
         self.stdin_open = False
         self.out_fds = {protocol.STDOUT: 1, protocol.STDERR: 2}
-        self.next_stream = 2
+        self.next_stream = protocol.INIT_STREAM + 1
+        self.sessions: dict[int, ExecSession] = {}
         self.sig_r, self.sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # ---- process set-up -------------------------------------------------------------------
@@ -281,6 +283,7 @@ class Monitor:
 
     def main(self) -> int:
         self._detach()
+        self.selector = selectors.DefaultSelector()
         self._install_signals()
         try:
             self.setup()
@@ -324,6 +327,8 @@ class Monitor:
                     self._on_stdin()
                 elif isinstance(what, tuple) and what[0] == "client":
                     self._on_client(key.fileobj)  # type: ignore[arg-type]
+                elif isinstance(what, ExecSession):
+                    self._on_session(what)
                 if self.exit_status is not None:
                     break
         self._teardown()
@@ -366,12 +371,21 @@ class Monitor:
     def _handle_frames(self, frames: list[tuple[int, int, bytes]]) -> None:
         for ftype, stream, payload in frames:
             if ftype in (protocol.STDOUT, protocol.STDERR):
-                if stream == protocol.INIT_STREAM and payload:
-                    self._write_output(ftype, payload)
+                if stream == protocol.INIT_STREAM:
+                    if payload:
+                        self._write_output(ftype, payload)
+                elif stream in self.sessions:
+                    self.sessions[stream].send(
+                        protocol.encode(ftype, protocol.AGENT_STREAM, payload)
+                    )
             elif ftype == protocol.CONTROL:
                 message = protocol.decode_control(payload)
                 op = message.get("op")
-                if op == "exit" and message.get("id") == protocol.INIT_STREAM:
+                session = self.sessions.get(message.get("id", -1))
+                if op == "exit" and session is not None:
+                    session.send(protocol.encode_control(message))
+                    self._end_session(session, kill=False)
+                elif op == "exit" and message.get("id") == protocol.INIT_STREAM:
                     self._finish(
                         int(message.get("status", VM_KILLED_STATUS)), message.get("signal")
                     )
@@ -462,6 +476,9 @@ class Monitor:
                 _send_json(conn, message)
             conn.close()
 
+        if request.get("op") == "exec":
+            self._exec(request, conn)
+            return
         try:
             self._dispatch(request, reply)
         except BonnevilleError as exc:
@@ -531,6 +548,79 @@ class Monitor:
             all=all_processes,
         )
 
+    # ---- exec sessions: an exec proxy process per guest process -----------------------------
+
+    def _exec(self, request: dict[str, Any], conn: socket.socket) -> None:
+        """Start a process in the running container; ``conn`` then carries its frames."""
+        assert self.agent is not None
+        if not self.started:
+            with contextlib.suppress(OSError):
+                _send_json(conn, {"ok": False, "error": "cannot exec in a stopped container"})
+            conn.close()
+            return
+        session = ExecSession(self.next_stream, conn)
+        self.next_stream += 1
+
+        def started(result: dict[str, Any]) -> None:
+            if result.get("ok"):
+                self.sessions[session.stream] = session
+                session.send(protocol.encode_control({"op": "started", "pid": result.get("pid")}))
+                conn.setblocking(True)
+                self.selector.register(conn, selectors.EVENT_READ, session)
+            else:
+                session.send(protocol.encode_control({"op": "error", "error": result.get("error")}))
+                conn.close()
+
+        self.agent.request(
+            "exec", started, id=session.stream, process=request.get("process") or {}, stdin=True
+        )
+
+    def _on_session(self, session: ExecSession) -> None:
+        assert self.agent is not None
+        try:
+            data = session.conn.recv(1 << 16)
+            frames = session.decoder.feed(data) if data else []
+        except (OSError, protocol.ProtocolError):
+            data, frames = b"", []
+        if not data:
+            # The proxy went away before its process ended: the process goes too (runc's
+            # exec'd process would lose its stdio and its waiter the same way).
+            self._end_session(session, kill=True)
+            return
+        for ftype, _, payload in frames:
+            if ftype == protocol.STDIN:
+                self.agent.send_data(protocol.STDIN, session.stream, payload)
+            elif ftype == protocol.CONTROL:
+                message = protocol.decode_control(payload)
+                op = message.get("op")
+                if op == "signal":
+                    self.agent.request(
+                        "signal",
+                        lambda _r: None,
+                        id=session.stream,
+                        signal=int(message.get("signal", signal.SIGTERM)),
+                        all=False,
+                    )
+                elif op == "resize":
+                    self.agent.request(
+                        "resize",
+                        lambda _r: None,
+                        id=session.stream,
+                        rows=int(message.get("rows", 0)),
+                        cols=int(message.get("cols", 0)),
+                    )
+
+    def _end_session(self, session: ExecSession, kill: bool) -> None:
+        self.sessions.pop(session.stream, None)
+        if kill and self.agent is not None:
+            with contextlib.suppress(BonnevilleError):
+                self.agent.request(
+                    "signal", lambda _r: None, id=session.stream, signal=signal.SIGKILL, all=False
+                )
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(session.conn)
+        session.conn.close()
+
     # ---- signals sent to the monitor itself ------------------------------------------------
 
     def _on_signals(self) -> None:
@@ -561,6 +651,19 @@ class Monitor:
             self.agent.request(
                 "resize", lambda _r: None, id=protocol.INIT_STREAM, rows=rows, cols=cols
             )
+
+
+class ExecSession:
+    """One exec'd process and the connection of its host proxy (frames, as with the agent)."""
+
+    def __init__(self, stream: int, conn: socket.socket) -> None:
+        self.stream = stream
+        self.conn = conn
+        self.decoder = protocol.Decoder()
+
+    def send(self, frame: bytes) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.sendall(frame)
 
 
 def _open_fds() -> list[int]:

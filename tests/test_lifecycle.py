@@ -12,7 +12,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -50,6 +50,13 @@ def wait_status(rt: Runtime, cid: str, wanted: str, timeout: float = 60) -> dict
         time.sleep(0.1)
 
 
+def wait_for(condition: Callable[[], bool], timeout: float = 60) -> None:
+    """Poll a host-side condition (a file the container writes); a hang guard only."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def test_run_prints_output_and_exits_with_status(runtime: Runtime, tmp_path: Path) -> None:
     bundle = make_bundle(tmp_path, ["sh", "-c", "echo hello; echo oops >&2; exit 7"])
     result = runtime("run", "--bundle", str(bundle), "c1")
@@ -79,12 +86,14 @@ def test_full_lifecycle(runtime: Runtime, tmp_path: Path) -> None:
     assert st["bundle"] == str(bundle) and st["id"] == "c1" and st["ociVersion"]
     runtime("start", "c1", check=True)
     assert runtime.state("c1")["status"] == "running"
+    marker = bundle / "rootfs" / "tmp" / "marker"
+    wait_for(marker.exists)
     start_again = runtime("start", "c1")
     assert start_again.returncode == 1 and b"running" in start_again.stderr
     runtime("kill", "c1", "TERM", check=True)
     st = wait_status(runtime, "c1", "stopped")
     assert st["status"] == "stopped"
-    assert (bundle / "rootfs" / "tmp" / "marker").read_text() == "started\n"
+    assert marker.read_text() == "started\n"
     not_running = runtime("kill", "c1", "KILL")
     assert not_running.returncode == 1 and b"container not running" in not_running.stderr
     runtime("delete", "c1", check=True)
@@ -296,7 +305,7 @@ def test_signal_forwarded_to_monitor_pid(runtime: Runtime, tmp_path: Path) -> No
     runtime("create", "-b", str(bundle), "c1", check=True)
     runtime("start", "c1", check=True)
     pid = int(runtime.state("c1")["pid"])  # type: ignore[call-overload]
-    time.sleep(0.5)  # let the shell install its trap (there is no event to wait on)
+    wait_for((bundle / "rootfs" / "tmp" / "trap-set").exists)
     os.kill(pid, signal.SIGUSR1)
     assert wait_status(runtime, "c1", "stopped")["status"] == "stopped"
     assert (bundle / "rootfs" / "tmp" / "sig").read_text() == "got-usr1\n"
@@ -364,3 +373,84 @@ def test_spec_and_features(tmp_path: Path) -> None:
         subprocess.run(["bonneville", "features"], capture_output=True, check=True).stdout
     )
     assert features["ociVersionMin"].startswith("1.")
+
+
+def test_exec_runs_in_the_running_container(runtime: Runtime, tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path, ["sh", "-c", "echo init > /tmp/init; sleep 1000"])
+    runtime("create", "-b", str(bundle), "c1", check=True)
+    runtime("start", "c1", check=True)
+    result = runtime("exec", "c1", "sh", "-c", "cat /tmp/init; echo err >&2; exit 5")
+    assert (result.returncode, result.stdout, result.stderr) == (5, b"init\n", b"err\n")
+    piped = runtime("exec", "c1", "tr", "a-z", "A-Z", input=b"abc\n")
+    assert piped.stdout == b"ABC\n" and piped.returncode == 0
+    who = runtime(
+        "exec",
+        "--user",
+        "65534:65534",
+        "--cwd",
+        "/tmp",
+        "-e",
+        "X=42",
+        "c1",
+        "sh",
+        "-c",
+        "id -u; pwd; echo $X",
+    )
+    assert who.stdout == b"65534\n/tmp\n42\n", who.stderr
+    missing = runtime("exec", "c1", "no-such-binary")
+    assert missing.returncode != 0 and b"no-such-binary" in missing.stderr
+    runtime("delete", "--force", "c1", check=True)
+
+
+def test_exec_process_file_detached_with_pid_file(runtime: Runtime, tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path, ["sleep", "1000"])
+    runtime("create", "-b", str(bundle), "c1", check=True)
+    runtime("start", "c1", check=True)
+    process = tmp_path / "process.json"
+    process.write_text(
+        json.dumps(
+            {
+                "args": [
+                    "sh",
+                    "-c",
+                    "trap 'exit 9' TERM; echo ready > /tmp/r; while true; do sleep 0.1; done",
+                ],
+                "cwd": "/",
+                "user": {"uid": 0, "gid": 0},
+                "env": ["PATH=/bin"],
+            }
+        )
+    )
+    pid_file = tmp_path / "exec.pid"
+    runtime(
+        "exec", "--process", str(process), "--detach", "--pid-file", str(pid_file), "c1", check=True
+    )
+    proxy = int(pid_file.read_text())
+    wait_for((bundle / "rootfs" / "tmp" / "r").exists)
+    # The shim signals exec'd processes through their (proxy) PID.
+    os.kill(proxy, signal.SIGTERM)
+    wait_for(lambda: not procfs.is_alive(proxy, None))
+    assert not procfs.is_alive(proxy, None)
+    runtime("delete", "--force", "c1", check=True)
+
+
+def test_exec_in_a_stopped_container_fails(runtime: Runtime, tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path, ["true"])
+    runtime("create", "-b", str(bundle), "c1", check=True)
+    result = runtime("exec", "c1", "true")
+    assert result.returncode == 1 and b"cannot exec in a created container" in result.stderr
+    runtime("delete", "c1", check=True)
+
+
+def test_pause_resume_and_ps(runtime: Runtime, tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path, ["sleep", "1000"])
+    runtime("create", "-b", str(bundle), "c1", check=True)
+    runtime("start", "c1", check=True)
+    pids = json.loads(runtime("ps", "--format", "json", "c1", check=True).stdout)
+    assert pids[0] == runtime.state("c1")["pid"] and len(pids) >= 2
+    runtime("pause", "c1", check=True)
+    assert runtime.state("c1")["status"] == "paused"
+    assert runtime("pause", "c1").returncode == 1
+    runtime("resume", "c1", check=True)
+    assert runtime.state("c1")["status"] == "running"
+    runtime("delete", "--force", "c1", check=True)

@@ -1,0 +1,570 @@
+"""The guest agent in host mode (as the fake backend runs it), driven over a socketpair.
+
+Each test starts `python -m bonneville.guest.agent --fd N --root DIR` with a busybox root,
+speaks docs/protocol.md to it with bonneville.guest.protocol, and kills it (and everything it
+started) at the end. Needs root: the agent mounts, in a private mount namespace of its own.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bonneville.backends import procfs
+from bonneville.guest import protocol
+from bonneville.guest.agent import parse_mount_options, resolve_in_root
+from bonneville.spec.defaults import default_spec
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the agent mounts: needs root")
+
+Frame = tuple[int, int, bytes]
+DEFAULT_CAPS_MASK = "0000000020000420"  # CAP_KILL | CAP_NET_BIND_SERVICE | CAP_AUDIT_WRITE
+
+
+@dataclass
+class Result:
+    status: int
+    signal: int | None
+    stdout: bytes
+    stderr: bytes
+    eofs: set[int] = field(default_factory=set)
+
+
+class Client:
+    """The host end, as small as the tests need; frames other than replies are kept in order."""
+
+    def __init__(self, sock: socket.socket, proc: subprocess.Popen[bytes]) -> None:
+        self.sock = sock
+        self.proc = proc
+        self.decoder = protocol.Decoder()
+        self.frames: list[Frame] = []
+        self.replies: dict[int, dict[str, Any]] = {}
+        self.next_req = 1
+        self.eof = False
+        self.pids: list[int] = []
+
+    def send(self, frame: bytes) -> None:
+        self.sock.sendall(frame)
+
+    def pump(self, timeout: float) -> None:
+        readable, _, _ = select.select([self.sock], [], [], max(timeout, 0))
+        if not readable:
+            return
+        data = self.sock.recv(1 << 20)
+        if not data:
+            self.eof = True
+            return
+        for ftype, stream, payload in self.decoder.feed(data):
+            if ftype == protocol.CONTROL:
+                message = protocol.decode_control(payload)
+                if message["op"] == "reply":
+                    self.replies[message["req"]] = message
+                    continue
+            self.frames.append((ftype, stream, payload))
+
+    def wait_for(self, predicate: Callable[[], bool], what: str, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if self.eof:
+                raise AssertionError(f"the agent closed the channel while waiting for {what}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"timed out waiting for {what}")
+            self.pump(min(remaining, 0.05))  # short: some predicates look at /proc, not us
+
+    def call(self, op: str, timeout: float = 10, **fields: Any) -> dict[str, Any]:
+        req = self.next_req
+        self.next_req += 1
+        self.send(protocol.encode_control({"op": op, "req": req, **fields}))
+        self.wait_for(lambda: req in self.replies, f"the reply to {op}", timeout)
+        return self.replies.pop(req)
+
+    def exec(self, ident: int, process: dict[str, Any], stdin: bool = False) -> dict[str, Any]:
+        reply = self.call("exec", id=ident, process=process, stdin=stdin)
+        if reply["ok"]:
+            self.pids.append(reply["pid"])
+        return reply
+
+    def stdin(self, ident: int, data: bytes) -> None:
+        for frame in protocol.encode_data(protocol.STDIN, ident, data):
+            self.send(frame)
+
+    def output(self, ident: int, ftype: int = protocol.STDOUT) -> bytes:
+        return b"".join(p for t, s, p in self.frames if t == ftype and s == ident)
+
+    def wait_output(self, ident: int, needle: bytes, timeout: float = 10) -> None:
+        self.wait_for(lambda: needle in self.output(ident), f"{needle!r} from {ident}", timeout)
+
+    def controls(self, op: str) -> list[dict[str, Any]]:
+        return [
+            m
+            for t, _, p in self.frames
+            if t == protocol.CONTROL and (m := protocol.decode_control(p))["op"] == op
+        ]
+
+    def exited(self, ident: int) -> bool:
+        return any(m["id"] == ident for m in self.controls("exit"))
+
+    def collect(self, ident: int, timeout: float = 10) -> Result:
+        """Wait for process ``ident`` to exit; its output, checking the documented order."""
+        self.wait_for(lambda: self.exited(ident), f"the exit of process {ident}", timeout)
+        data: dict[int, list[bytes]] = {protocol.STDOUT: [], protocol.STDERR: []}
+        eofs: set[int] = set()
+        rest: list[Frame] = []
+        result: Result | None = None
+        for frame in self.frames:
+            ftype, stream, payload = frame
+            if ftype in data and stream == ident and result is None:
+                assert ftype not in eofs, "data after the EOF frame"
+                if payload:
+                    data[ftype].append(payload)
+                else:
+                    eofs.add(ftype)
+            elif ftype == protocol.CONTROL and result is None:
+                message = protocol.decode_control(payload)
+                if message["op"] == "exit" and message["id"] == ident:
+                    result = Result(
+                        message["status"],
+                        message["signal"],
+                        b"".join(data[protocol.STDOUT]),
+                        b"".join(data[protocol.STDERR]),
+                        set(eofs),
+                    )
+                else:
+                    rest.append(frame)
+            else:
+                rest.append(frame)
+        self.frames = rest
+        assert result is not None
+        return result
+
+    def stop(self) -> None:
+        """Kill the agent and every process below it; check none of them survived."""
+        if self.proc.poll() is None:
+            procfs.kill_tree(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        self.sock.close()
+        deadline = time.monotonic() + 5
+        while any(procfs.is_alive(pid, None) for pid in self.pids):
+            assert time.monotonic() < deadline, f"container processes left: {self.pids}"
+            time.sleep(0.01)
+
+
+@pytest.fixture
+def start_agent(tmp_path: Path) -> Iterator[Callable[[Path], Client]]:
+    clients: list[Client] = []
+
+    def start(root: Path) -> Client:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with open(tmp_path / "agent.log", "ab") as log:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "bonneville.guest.agent",
+                    "--fd",
+                    str(theirs.fileno()),
+                    "--root",
+                    str(root),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                pass_fds=(theirs.fileno(),),
+                close_fds=True,
+                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": ":".join(sys.path)},
+                start_new_session=True,
+            )
+        theirs.close()
+        client = Client(ours, proc)
+        clients.append(client)
+        return client
+
+    yield start
+    for client in clients:
+        client.stop()
+
+
+@pytest.fixture
+def rootfs(tmp_path: Path, busybox_rootfs: Path) -> Path:
+    """A private copy of the busybox root, for tests that write into it."""
+    copy = tmp_path / "rootfs"
+    shutil.copytree(busybox_rootfs, copy, symlinks=True)
+    return copy
+
+
+def container(**overrides: Any) -> dict[str, Any]:
+    """The `setup.container` the monitor derives from the default config.json."""
+    spec = default_spec()
+    value: dict[str, Any] = {
+        "hostname": "bonnie",
+        "domainname": "example.org",
+        "readonly": False,
+        "mounts": spec["mounts"],
+        "maskedPaths": [*spec["linux"]["maskedPaths"], "/proc/no-such-file"],
+        "readonlyPaths": spec["linux"]["readonlyPaths"],
+        "sysctl": {},
+        "time": time.time(),
+        "entropy": base64.b64encode(os.urandom(64)).decode(),
+    }
+    value.update(overrides)
+    return value
+
+
+def process(args: list[str], **overrides: Any) -> dict[str, Any]:
+    """The default config's `process`, without a terminal."""
+    value: dict[str, Any] = default_spec()["process"]
+    value["terminal"] = False
+    value["args"] = args
+    value.update(overrides)
+    return value
+
+
+def ready(start_agent: Callable[[Path], Client], root: Path, **overrides: Any) -> Client:
+    client = start_agent(root)
+    assert client.call("hello", version=protocol.VERSION)["ok"]
+    reply = client.call("setup", container=container(**overrides))
+    assert reply["ok"], reply
+    return client
+
+
+def run(client: Client, args: list[str], ident: int = 2, **overrides: Any) -> Result:
+    reply = client.exec(ident, process(args, **overrides))
+    assert reply["ok"], reply
+    return client.collect(ident)
+
+
+def test_hello_reports_the_version_and_refuses_another(
+    start_agent: Callable[[Path], Client], busybox_rootfs: Path
+) -> None:
+    client = start_agent(busybox_rootfs)
+    reply = client.call("hello", version=protocol.VERSION)
+    assert reply["ok"] and reply["version"] == protocol.VERSION
+    assert reply["pid"] == client.proc.pid
+    assert reply["kernel"] == os.uname().release
+    refused = client.call("hello", version=99)
+    assert not refused["ok"] and "version" in refused["error"]
+    assert not client.call("frobnicate")["ok"]
+    early = client.call("exec", id=2, process=process(["true"]), stdin=False)
+    assert not early["ok"] and "not set up" in early["error"]
+
+
+def test_setup_builds_proc_dev_devpts_and_masks(
+    start_agent: Callable[[Path], Client], busybox_rootfs: Path
+) -> None:
+    client = ready(start_agent, busybox_rootfs)
+    script = (
+        "cat /proc/self/mounts; echo ---; ls -l /dev; echo ---; "
+        "wc -c < /proc/keys; ls -A /proc/acpi | wc -l; "
+        "touch /proc/acpi/x 2>/dev/null || echo acpi-ro; "
+        "echo 1 > /proc/sys/kernel/ns_last_pid 2>/dev/null || echo sys-ro; "
+        "echo discard > /dev/null && head -c 4 /dev/zero | wc -c"
+    )
+    result = run(client, ["sh", "-c", script])
+    assert result.status == 0, result
+    mounts, devices, checks = result.stdout.decode().split("---\n")
+    table = {line.split()[1]: line.split() for line in mounts.splitlines()}
+    assert table["/proc"][2] == "proc"
+    assert table["/dev"][2] == "tmpfs" and "nosuid" in table["/dev"][3]
+    assert table["/dev/pts"][2] == "devpts" and "ptmxmode=666" in table["/dev/pts"][3]
+    assert table["/dev/shm"][2] == "tmpfs" and "noexec" in table["/dev/shm"][3]
+    assert table["/dev/mqueue"][2] == "mqueue"
+    assert table["/sys"][2] == "sysfs" and table["/sys"][3].startswith("ro")
+    assert table["/proc/sys"][3].startswith("ro")
+    assert table["/proc/acpi"][2] == "tmpfs"
+    for name, numbers in (("null", "1,   3"), ("zero", "1,   5"), ("urandom", "1,   9")):
+        assert re.search(rf"^crw-rw-rw- .*{numbers} .* {name}$", devices, re.M), devices
+    assert re.search(r"ptmx -> pts/ptmx$", devices, re.M)
+    assert re.search(r"fd -> /proc/self/fd$", devices, re.M)
+    assert checks.split() == ["0", "0", "acpi-ro", "sys-ro", "4"]
+    # All of it happened in the agent's own mount namespace, never in ours.
+    with open("/proc/self/mounts") as f:
+        assert str(busybox_rootfs) not in f.read()
+    again = client.call("setup", container=container())
+    assert not again["ok"] and "already" in again["error"]
+
+
+def test_setup_failure_names_the_mount(
+    start_agent: Callable[[Path], Client], busybox_rootfs: Path
+) -> None:
+    client = start_agent(busybox_rootfs)
+    bad = {"destination": "/proc", "type": "nosuchfs", "source": "x", "options": []}
+    reply = client.call("setup", container=container(mounts=[bad]))
+    assert not reply["ok"]
+    assert reply["error"] == "mount nosuchfs on /proc: no such device"
+
+
+def test_exec_output_eof_frames_and_exit_status(
+    start_agent: Callable[[Path], Client], busybox_rootfs: Path
+) -> None:
+    client = ready(start_agent, busybox_rootfs)
+    result = run(client, ["sh", "-c", "echo out; echo err >&2; exit 7"])
+    assert (result.stdout, result.stderr) == (b"out\n", b"err\n")
+    assert result.eofs == {protocol.STDOUT, protocol.STDERR}  # both before `exit`
+    assert (result.status, result.signal) == (7, None)
+    # Without stdin the process reads /dev/null.
+    assert run(client, ["cat"], ident=3).stdout == b""
+
+
+def test_stdin_round_trip_and_eof(
+    start_agent: Callable[[Path], Client], busybox_rootfs: Path
+) -> None:
+    client = ready(start_agent, busybox_rootfs)
+    assert client.exec(2, process(["cat"]), stdin=True)["ok"]
+    client.stdin(2, b"hello\n")
+    client.wait_output(2, b"hello\n")  # echoed while stdin is still open
+    client.stdin(2, b"x" * 300_000)  # more than a pipe holds: buffered, not blocking
+    client.stdin(2, b"")
+    result = client.collect(2)
+    assert result.stdout == b"hello\n" + b"x" * 300_000
+    assert result.status == 0
+
+
+def test_signal_term_and_unknown_process(
+    start_agent: Callable[[Path], Client], busybox_rootfs: Path
+) -> None:
+    client = ready(start_agent, busybox_rootfs)
+    assert client.exec(2, process(["sleep", "100"]))["ok"]
+    assert client.call("signal", id=2, signal=signal.SIGTERM, all=False)["ok"]
+    result = client.collect(2)
+    assert (result.status, result.signal) == (143, signal.SIGTERM)
+    missing = client.call("signal", id=9, signal=signal.SIGTERM, all=False)
+    assert (missing["ok"], missing["error"]) == (False, "no such process")
+
+
+def test_signal_all_and_ps(start_agent: Callable[[Path], Client], busybox_rootfs: Path) -> None:
+    client = ready(start_agent, busybox_rootfs)
+    first = client.exec(2, process(["sleep", "100"]))["pid"]
+    second = client.exec(3, process(["sh", "-c", "sleep 100 & echo $!; wait"]))["pid"]
+    client.wait_output(3, b"\n")
+    grandchild = int(client.output(3))
+    pids = client.call("ps")["pids"]
+    assert {first, second, grandchild} <= set(pids)
+    assert client.proc.pid not in pids
+    assert client.call("signal", id=2, signal=signal.SIGKILL, all=True)["ok"]
+    assert client.collect(2).status == 137
+    assert client.collect(3).status == 137
+    client.wait_for(lambda: client.call("ps")["pids"] == [], "the container to empty")
+
+
+def test_missing_binary_is_refused_with_runc_wording(
+    start_agent: Callable[[Path], Client], busybox_rootfs: Path
+) -> None:
+    client = ready(start_agent, busybox_rootfs)
+    reply = client.exec(2, process(["no-such-binary"]))
+    assert not reply["ok"]
+    assert reply["error"] == 'exec: "no-such-binary": executable file not found in $PATH'
+    reply = client.exec(3, process(["/bin/nope"]))
+    assert reply["error"] == 'exec: "/bin/nope": stat /bin/nope: no such file or directory'
+    # The id is free again and the agent still serves.
+    assert run(client, ["true"]).status == 0
+    assert not client.controls("exit")
+
+
+def test_missing_cwd_is_refused(
+    start_agent: Callable[[Path], Client], busybox_rootfs: Path
+) -> None:
+    client = ready(start_agent, busybox_rootfs)
+    reply = client.exec(2, process(["true"], cwd="/nonexistent"))
+    assert not reply["ok"]
+    assert reply["error"] == (
+        'chdir to cwd ("/nonexistent") set in config.json failed: no such file or directory'
+    )
+    assert run(client, ["pwd"], cwd="/etc").stdout == b"/etc\n"
+
+
+def test_user_groups_env_and_no_caps_for_non_root(
+    start_agent: Callable[[Path], Client], busybox_rootfs: Path
+) -> None:
+    client = ready(start_agent, busybox_rootfs)
+    user = {"uid": 65534, "gid": 65534, "additionalGids": [5, 100]}
+    script = "id -u; id -g; id -G; grep CapEff /proc/self/status"
+    result = run(client, ["sh", "-c", script], user=user)
+    lines = result.stdout.decode().splitlines()
+    assert lines[0:2] == ["65534", "65534"]
+    assert set(lines[2].split()) == {"65534", "5", "100"}
+    assert lines[3].split() == ["CapEff:", "0000000000000000"]
+    # The env is exactly the given one, plus HOME from /etc/passwd as runc adds it.
+    result = run(client, ["env"], ident=3, user=user, env=["PATH=/bin", "FOO=bar baz"])
+    assert result.stdout.decode().splitlines() == ["PATH=/bin", "FOO=bar baz", "HOME=/nonexistent"]
+
+
+def test_default_capabilities_are_really_dropped(
+    start_agent: Callable[[Path], Client], busybox_rootfs: Path
+) -> None:
+    client = ready(start_agent, busybox_rootfs)
+    script = "grep -E '^(Cap|NoNewPrivs)' /proc/self/status; mount -t tmpfs t /tmp && echo mounted"
+    result = run(client, ["sh", "-c", script])
+    status = dict(line.split(":\t") for line in result.stdout.decode().splitlines()[:6])
+    for kind in ("CapEff", "CapPrm", "CapBnd"):
+        assert status[kind] == DEFAULT_CAPS_MASK, status
+    assert status["CapInh"] == status["CapAmb"] == "0000000000000000"
+    assert status["NoNewPrivs"] == "1"
+    assert b"mounted" not in result.stdout and result.status != 0  # no CAP_SYS_ADMIN
+    admin = ["CAP_SYS_ADMIN"]
+    caps = {k: admin for k in ("bounding", "effective", "permitted", "inheritable", "ambient")}
+    result = run(
+        client,
+        ["sh", "-c", "grep CapEff /proc/self/status; mount -t tmpfs t /tmp && echo mounted"],
+        ident=3,
+        capabilities=caps,
+    )
+    assert result.stdout.split() == [b"CapEff:", b"0000000000200000", b"mounted"]
+
+
+def test_terminal_tty_and_resize(
+    start_agent: Callable[[Path], Client], busybox_rootfs: Path
+) -> None:
+    client = ready(start_agent, busybox_rootfs)
+    proc = process(
+        ["sh", "-c", "tty; stty size; read line; stty size; echo err >&2"],
+        terminal=True,
+        consoleSize={"height": 24, "width": 80},
+    )
+    assert client.exec(1, proc, stdin=True)["ok"]
+    client.wait_output(1, b"24 80\r\n")
+    assert re.match(rb"/dev/pts/\d+\r\n", client.output(1)), client.output(1)
+    assert client.call("resize", id=1, rows=50, cols=132)["ok"]
+    client.stdin(1, b"go\n")
+    result = client.collect(1)
+    assert result.stdout.endswith(b"50 132\r\nerr\r\n")
+    assert result.stderr == b"" and result.eofs == {protocol.STDOUT}
+    assert result.status == 0
+    assert not client.call("resize", id=1, rows=1, cols=1)["ok"]
+
+
+def test_rlimits_umask_oom_score_and_hostname(
+    start_agent: Callable[[Path], Client], busybox_rootfs: Path
+) -> None:
+    client = ready(start_agent, busybox_rootfs)
+    rlimits = [{"type": "RLIMIT_NOFILE", "soft": 777, "hard": 888}]
+    script = "ulimit -n; ulimit -Hn; umask; cat /proc/self/oom_score_adj; hostname; cat /proc/sys/kernel/domainname"
+    result = run(
+        client,
+        ["sh", "-c", script],
+        rlimits=rlimits,
+        user={"uid": 0, "gid": 0, "umask": 0o077},
+        oomScoreAdj=500,
+    )
+    assert result.stdout.decode().split() == [
+        "777",
+        "888",
+        "0077",
+        "500",
+        "bonnie",
+        "example.org",
+    ]
+    assert os.uname().nodename != "bonnie"  # the agent's own UTS namespace
+    assert run(client, ["sh", "-c", "umask"], ident=3).stdout == b"0022\n"
+    bad = client.exec(4, process(["true"], rlimits=[{"type": "RLIMIT_BOGUS", "soft": 1}]))
+    assert not bad["ok"] and "RLIMIT_BOGUS" in bad["error"]
+
+
+def test_readonly_root(start_agent: Callable[[Path], Client], busybox_rootfs: Path) -> None:
+    client = ready(start_agent, busybox_rootfs, readonly=True)
+    result = run(client, ["sh", "-c", "touch /x; touch /dev/shm/y && echo shm-ok"])
+    assert b"Read-only file system" in result.stderr
+    assert result.stdout == b"shm-ok\n"
+
+
+def test_init_exit_ends_the_container_without_waiting_for_its_pipes(
+    start_agent: Callable[[Path], Client], busybox_rootfs: Path
+) -> None:
+    client = ready(start_agent, busybox_rootfs)
+    assert client.exec(3, process(["sleep", "100"]))["ok"]
+    # The background sleep keeps init's stdout open: its EOF must not be waited for.
+    assert client.exec(1, process(["sh", "-c", "sleep 100 & echo $!; exit 3"]))["ok"]
+    started = time.monotonic()
+    result = client.collect(1)
+    assert result.status == 3 and time.monotonic() - started < 5
+    assert result.eofs == {protocol.STDOUT, protocol.STDERR}
+    background = int(result.stdout)
+    assert client.collect(3).status == 137  # every other process dies with init
+    client.wait_for(lambda: not procfs.is_alive(background, None), "the orphan to be killed")
+    # Orphans are reaped by the agent, as by PID 1: no zombies left below it.
+    client.wait_for(lambda: not procfs.descendants(client.proc.pid), "the orphan to be reaped")
+
+
+def test_large_output_arrives_intact(
+    start_agent: Callable[[Path], Client], rootfs: Path
+) -> None:
+    data = os.urandom(5 << 20)
+    (rootfs / "big").write_bytes(data)
+    client = ready(start_agent, rootfs)
+    result = run(client, ["cat", "/big"])
+    assert result.status == 0
+    assert len(result.stdout) == len(data)
+    assert hashlib.sha256(result.stdout).digest() == hashlib.sha256(data).digest()
+
+
+def test_malformed_control_frame_is_logged_and_serving_continues(
+    start_agent: Callable[[Path], Client], busybox_rootfs: Path
+) -> None:
+    client = start_agent(busybox_rootfs)
+    client.send(protocol.encode(protocol.CONTROL, 0, b"{not json"))
+    client.send(protocol.encode(protocol.CONTROL, 0, json.dumps([1, 2]).encode()))
+    assert client.call("hello", version=protocol.VERSION)["ok"]
+    errors = [m["msg"] for m in client.controls("log") if m["level"] == "error"]
+    assert len(errors) == 2 and all("malformed" in m for m in errors)
+
+
+def test_broken_framing_closes_the_channel_cleanly(
+    start_agent: Callable[[Path], Client], busybox_rootfs: Path
+) -> None:
+    client = ready(start_agent, busybox_rootfs)
+    assert client.exec(2, process(["sleep", "100"]))["ok"]
+    client.send(b"\x09\x00\x00\x00\x00\x00\x00\x00")  # frame type 9 does not exist
+    client.wait_for(lambda: client.eof, "the agent to close")
+    assert any("protocol error" in m["msg"] for m in client.controls("log"))
+    assert client.proc.wait(timeout=10) == 0
+    assert not procfs.is_alive(client.pids[0], None)
+
+
+def test_shutdown_replies_then_stops_everything(
+    start_agent: Callable[[Path], Client], busybox_rootfs: Path
+) -> None:
+    client = ready(start_agent, busybox_rootfs)
+    assert client.exec(1, process(["sleep", "100"]))["ok"]
+    assert client.call("shutdown")["ok"]
+    assert client.proc.wait(timeout=10) == 0
+    assert not procfs.is_alive(client.pids[0], None)
+
+
+def test_resolve_in_root_never_leaves_the_root(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "real").mkdir(parents=True)
+    (root / "abs").symlink_to("/real")
+    (root / "up").symlink_to("../../../..")
+    (root / "loop").symlink_to("loop")
+    r = str(root)
+    assert resolve_in_root(r, "/abs/x") == f"{r}/real/x"
+    assert resolve_in_root(r, "/up/etc/passwd") == f"{r}/etc/passwd"
+    assert resolve_in_root(r, "/../../real/./new/..") == f"{r}/real"
+    assert resolve_in_root(r, "missing/a/../b") == f"{r}/missing/b"
+    with pytest.raises(OSError):
+        resolve_in_root(r, "/loop")
+
+
+def test_mount_options_translate_to_flags_and_data() -> None:
+    flags, propagation, data = parse_mount_options(
+        ["nosuid", "noexec", "ro", "rw", "mode=755", "size=65536k", "rprivate", "tmpcopyup"]
+    )
+    assert flags == 0x2 | 0x8
+    assert propagation == 0x40000 | 0x4000
+    assert data == "mode=755,size=65536k"
