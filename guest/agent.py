@@ -23,6 +23,7 @@ import sys
 import termios
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from bonneville.guest import protocol
@@ -183,6 +184,9 @@ DEV_SYMLINKS = (
 )
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+Log = Callable[[str, str], None]
 
 
 class Refused(Exception):
@@ -405,8 +409,14 @@ class Mode:
             _raise_errno("reboot")
 
     def open_log(self) -> int:
-        """Where diagnostic lines go: the console in a VM, our stderr on a host."""
-        if self.pid1:
+        """Where diagnostic lines go: stderr (under /init, the console); as PID 1 without a
+        real stderr, /dev/console."""
+        try:
+            null = os.stat("/dev/null").st_rdev
+            useless = stat.S_ISCHR(os.fstat(2).st_mode) and os.fstat(2).st_rdev == null
+        except OSError:
+            useless = True
+        if self.pid1 and useless:
             try:
                 return os.open("/dev/console", os.O_WRONLY | os.O_NOCTTY)
             except OSError:
@@ -453,7 +463,7 @@ class Channel:
         self.queue: deque[memoryview] = deque()
         self.queued = 0
 
-    def open(self, log: Any) -> None:
+    def open(self, log: Log) -> None:
         """Open the virtio port (waiting for it to appear) or adopt the given socket."""
         if self.mode.channel_fd is not None:
             self.fd = self.mode.channel_fd
@@ -473,7 +483,7 @@ class Channel:
         set_nonblocking(self.fd)
         self.decoder = protocol.Decoder()
 
-    def reopen(self, log: Any) -> None:
+    def reopen(self, log: Log) -> None:
         """Drop the current stream state and start over on a fresh descriptor."""
         if self.mode.reconnects:
             try:
@@ -700,7 +710,7 @@ def child_exec(
     """In the forked child: become the container process, in runc's order, or raise.
     ``keep`` is the error pipe; every other descriptor beyond stdio is closed."""
     signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ):
+    for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(sig, signal.SIG_DFL)  # Python ignores SIGPIPE/SIGXFSZ; children must not
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
     os.setsid()
@@ -790,7 +800,7 @@ def parse_mount_options(options: list[str]) -> tuple[int, int, str]:
     return flags, propagation, ",".join(data)
 
 
-def mount_one(root: str, entry: dict[str, Any], log: Any) -> None:
+def mount_one(root: str, entry: dict[str, Any], log: Log) -> None:
     """Make one entry of ``mounts`` inside the root; bind mounts are the host's, only their
     flags are applied here."""
     dest = str(entry["destination"])
@@ -895,7 +905,7 @@ def add_entropy(data: bytes, credit: bool) -> None:
         os.close(fd)
 
 
-def build_container(mode: Mode, container: dict[str, Any], log: Any) -> None:
+def build_container(mode: Mode, container: dict[str, Any], log: Log) -> None:
     """The whole of ``setup``: in runc's order, each failure naming what failed."""
     root = mode.root
     if mode.guest_wide and container.get("time") is not None:
@@ -953,7 +963,7 @@ class Agent:
         self.by_pid: dict[int, Proc] = {}
         self.setup_done = False
         self.exiting = False
-        self.after_reply: Any = None
+        self.after_reply: Callable[[], None] | None = None
         try:
             with open("/proc/sys/kernel/cap_last_cap") as f:
                 self.cap_last = int(f.read())
@@ -1002,6 +1012,10 @@ class Agent:
         """Serve until shut down (host mode) or forever (PID 1)."""
         signal.signal(signal.SIGCHLD, lambda _signum, _frame: None)
         signal.set_wakeup_fd(self.wake_w)
+        if self.mode.pid1:
+            # The kernel drops signals PID 1 has no handler for; Python's SIGINT handler would
+            # let a container's `kill -INT 1` (or ctrl-alt-del) raise KeyboardInterrupt here.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         self.mode.start()
         self.channel.open(self.log)
         self.log("info", f"ready (pid {os.getpid()}, root {self.mode.root})")
@@ -1018,7 +1032,7 @@ class Agent:
         """One turn: wait for something, then handle output, input, requests, exits."""
         channel = self.channel
         if not channel.connected and not channel.closed:
-            self.handle_frames(channel.receive())
+            self.read_channel()  # a port without a host polls readable: probe it instead
         if channel.closed:
             self.host_gone()
             return
@@ -1138,6 +1152,8 @@ class Agent:
     def op_exec(self, message: dict[str, Any]) -> dict[str, Any]:
         """Start a process in the container; its output and exit follow as frames."""
         ident = int(message["id"])
+        if not 0 < ident <= 0xFFFF:
+            raise Refused(f"process id {ident} is not a stream number (1-65535)")
         if not self.setup_done:
             raise Refused("the container is not set up")
         if ident in self.procs or ident == protocol.AGENT_STREAM:
@@ -1407,7 +1423,12 @@ def main(argv: list[str]) -> int:
                 agent.log("error", f"fatal: {describe(exc)}")
                 return 1
             agent.log("error", f"restarting the loop after: {describe(exc)}")
-            time.sleep(1)
+        except BaseException as exc:
+            # KeyboardInterrupt/SystemExit: a host process may go, PID 1 may not (kernel panic).
+            if not mode.pid1:
+                raise
+            agent.log("error", f"restarting the loop after: {describe(exc)}")
+        time.sleep(1)  # no tight loop if the failure repeats
 
 
 if __name__ == "__main__":

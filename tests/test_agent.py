@@ -167,14 +167,15 @@ class Client:
 
 
 @pytest.fixture
-def start_agent(tmp_path: Path) -> Iterator[Callable[[Path], Client]]:
+def start_agent(tmp_path: Path) -> Iterator[Callable[..., Client]]:
     clients: list[Client] = []
 
-    def start(root: Path) -> Client:
+    def start(root: Path, prefix: tuple[str, ...] = ()) -> Client:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with open(tmp_path / "agent.log", "ab") as log:
             proc = subprocess.Popen(
                 [
+                    *prefix,
                     sys.executable,
                     "-m",
                     "bonneville.guest.agent",
@@ -236,7 +237,7 @@ def process(args: list[str], **overrides: Any) -> dict[str, Any]:
     return value
 
 
-def ready(start_agent: Callable[[Path], Client], root: Path, **overrides: Any) -> Client:
+def ready(start_agent: Callable[..., Client], root: Path, **overrides: Any) -> Client:
     client = start_agent(root)
     assert client.call("hello", version=protocol.VERSION)["ok"]
     reply = client.call("setup", container=container(**overrides))
@@ -251,7 +252,7 @@ def run(client: Client, args: list[str], ident: int = 2, **overrides: Any) -> Re
 
 
 def test_hello_reports_the_version_and_refuses_another(
-    start_agent: Callable[[Path], Client], busybox_rootfs: Path
+    start_agent: Callable[..., Client], busybox_rootfs: Path
 ) -> None:
     client = start_agent(busybox_rootfs)
     reply = client.call("hello", version=protocol.VERSION)
@@ -266,7 +267,7 @@ def test_hello_reports_the_version_and_refuses_another(
 
 
 def test_setup_builds_proc_dev_devpts_and_masks(
-    start_agent: Callable[[Path], Client], busybox_rootfs: Path
+    start_agent: Callable[..., Client], busybox_rootfs: Path
 ) -> None:
     client = ready(start_agent, busybox_rootfs)
     script = (
@@ -301,7 +302,7 @@ def test_setup_builds_proc_dev_devpts_and_masks(
 
 
 def test_setup_failure_names_the_mount(
-    start_agent: Callable[[Path], Client], busybox_rootfs: Path
+    start_agent: Callable[..., Client], busybox_rootfs: Path
 ) -> None:
     client = start_agent(busybox_rootfs)
     bad = {"destination": "/proc", "type": "nosuchfs", "source": "x", "options": []}
@@ -311,7 +312,7 @@ def test_setup_failure_names_the_mount(
 
 
 def test_exec_output_eof_frames_and_exit_status(
-    start_agent: Callable[[Path], Client], busybox_rootfs: Path
+    start_agent: Callable[..., Client], busybox_rootfs: Path
 ) -> None:
     client = ready(start_agent, busybox_rootfs)
     result = run(client, ["sh", "-c", "echo out; echo err >&2; exit 7"])
@@ -322,9 +323,7 @@ def test_exec_output_eof_frames_and_exit_status(
     assert run(client, ["cat"], ident=3).stdout == b""
 
 
-def test_stdin_round_trip_and_eof(
-    start_agent: Callable[[Path], Client], busybox_rootfs: Path
-) -> None:
+def test_stdin_round_trip_and_eof(start_agent: Callable[..., Client], busybox_rootfs: Path) -> None:
     client = ready(start_agent, busybox_rootfs)
     assert client.exec(2, process(["cat"]), stdin=True)["ok"]
     client.stdin(2, b"hello\n")
@@ -337,7 +336,7 @@ def test_stdin_round_trip_and_eof(
 
 
 def test_signal_term_and_unknown_process(
-    start_agent: Callable[[Path], Client], busybox_rootfs: Path
+    start_agent: Callable[..., Client], busybox_rootfs: Path
 ) -> None:
     client = ready(start_agent, busybox_rootfs)
     assert client.exec(2, process(["sleep", "100"]))["ok"]
@@ -348,7 +347,7 @@ def test_signal_term_and_unknown_process(
     assert (missing["ok"], missing["error"]) == (False, "no such process")
 
 
-def test_signal_all_and_ps(start_agent: Callable[[Path], Client], busybox_rootfs: Path) -> None:
+def test_signal_all_and_ps(start_agent: Callable[..., Client], busybox_rootfs: Path) -> None:
     client = ready(start_agent, busybox_rootfs)
     first = client.exec(2, process(["sleep", "100"]))["pid"]
     second = client.exec(3, process(["sh", "-c", "sleep 100 & echo $!; wait"]))["pid"]
@@ -364,7 +363,7 @@ def test_signal_all_and_ps(start_agent: Callable[[Path], Client], busybox_rootfs
 
 
 def test_missing_binary_is_refused_with_runc_wording(
-    start_agent: Callable[[Path], Client], busybox_rootfs: Path
+    start_agent: Callable[..., Client], busybox_rootfs: Path
 ) -> None:
     client = ready(start_agent, busybox_rootfs)
     reply = client.exec(2, process(["no-such-binary"]))
@@ -377,9 +376,7 @@ def test_missing_binary_is_refused_with_runc_wording(
     assert not client.controls("exit")
 
 
-def test_missing_cwd_is_refused(
-    start_agent: Callable[[Path], Client], busybox_rootfs: Path
-) -> None:
+def test_missing_cwd_is_refused(start_agent: Callable[..., Client], busybox_rootfs: Path) -> None:
     client = ready(start_agent, busybox_rootfs)
     reply = client.exec(2, process(["true"], cwd="/nonexistent"))
     assert not reply["ok"]
@@ -390,7 +387,7 @@ def test_missing_cwd_is_refused(
 
 
 def test_user_groups_env_and_no_caps_for_non_root(
-    start_agent: Callable[[Path], Client], busybox_rootfs: Path
+    start_agent: Callable[..., Client], busybox_rootfs: Path
 ) -> None:
     client = ready(start_agent, busybox_rootfs)
     user = {"uid": 65534, "gid": 65534, "additionalGids": [5, 100]}
@@ -406,16 +403,21 @@ def test_user_groups_env_and_no_caps_for_non_root(
 
 
 def test_default_capabilities_are_really_dropped(
-    start_agent: Callable[[Path], Client], busybox_rootfs: Path
+    start_agent: Callable[..., Client], busybox_rootfs: Path
 ) -> None:
     client = ready(start_agent, busybox_rootfs)
-    script = "grep -E '^(Cap|NoNewPrivs)' /proc/self/status; mount -t tmpfs t /tmp && echo mounted"
+    script = (
+        "grep -E '^(Cap|NoNewPrivs|Sig(Ign|Blk))' /proc/self/status; "
+        "mount -t tmpfs t /tmp && echo mounted"
+    )
     result = run(client, ["sh", "-c", script])
-    status = dict(line.split(":\t") for line in result.stdout.decode().splitlines()[:6])
+    status = dict(line.split(":\t") for line in result.stdout.decode().splitlines()[:8])
     for kind in ("CapEff", "CapPrm", "CapBnd"):
         assert status[kind] == DEFAULT_CAPS_MASK, status
     assert status["CapInh"] == status["CapAmb"] == "0000000000000000"
     assert status["NoNewPrivs"] == "1"
+    # Nothing the agent (Python) ignores or blocks leaks into the container: SIGPIPE works.
+    assert status["SigIgn"] == status["SigBlk"] == "0000000000000000"
     assert b"mounted" not in result.stdout and result.status != 0  # no CAP_SYS_ADMIN
     admin = ["CAP_SYS_ADMIN"]
     caps = {k: admin for k in ("bounding", "effective", "permitted", "inheritable", "ambient")}
@@ -428,9 +430,7 @@ def test_default_capabilities_are_really_dropped(
     assert result.stdout.split() == [b"CapEff:", b"0000000000200000", b"mounted"]
 
 
-def test_terminal_tty_and_resize(
-    start_agent: Callable[[Path], Client], busybox_rootfs: Path
-) -> None:
+def test_terminal_tty_and_resize(start_agent: Callable[..., Client], busybox_rootfs: Path) -> None:
     client = ready(start_agent, busybox_rootfs)
     proc = process(
         ["sh", "-c", "tty; stty size; read line; stty size; echo err >&2"],
@@ -450,11 +450,14 @@ def test_terminal_tty_and_resize(
 
 
 def test_rlimits_umask_oom_score_and_hostname(
-    start_agent: Callable[[Path], Client], busybox_rootfs: Path
+    start_agent: Callable[..., Client], busybox_rootfs: Path
 ) -> None:
     client = ready(start_agent, busybox_rootfs)
     rlimits = [{"type": "RLIMIT_NOFILE", "soft": 777, "hard": 888}]
-    script = "ulimit -n; ulimit -Hn; umask; cat /proc/self/oom_score_adj; hostname; cat /proc/sys/kernel/domainname"
+    script = (
+        "ulimit -n; ulimit -Hn; umask; cat /proc/self/oom_score_adj; "
+        "hostname; cat /proc/sys/kernel/domainname"
+    )
     result = run(
         client,
         ["sh", "-c", script],
@@ -476,7 +479,7 @@ def test_rlimits_umask_oom_score_and_hostname(
     assert not bad["ok"] and "RLIMIT_BOGUS" in bad["error"]
 
 
-def test_readonly_root(start_agent: Callable[[Path], Client], busybox_rootfs: Path) -> None:
+def test_readonly_root(start_agent: Callable[..., Client], busybox_rootfs: Path) -> None:
     client = ready(start_agent, busybox_rootfs, readonly=True)
     result = run(client, ["sh", "-c", "touch /x; touch /dev/shm/y && echo shm-ok"])
     assert b"Read-only file system" in result.stderr
@@ -484,7 +487,7 @@ def test_readonly_root(start_agent: Callable[[Path], Client], busybox_rootfs: Pa
 
 
 def test_init_exit_ends_the_container_without_waiting_for_its_pipes(
-    start_agent: Callable[[Path], Client], busybox_rootfs: Path
+    start_agent: Callable[..., Client], busybox_rootfs: Path
 ) -> None:
     client = ready(start_agent, busybox_rootfs)
     assert client.exec(3, process(["sleep", "100"]))["ok"]
@@ -501,20 +504,39 @@ def test_init_exit_ends_the_container_without_waiting_for_its_pipes(
     client.wait_for(lambda: not procfs.descendants(client.proc.pid), "the orphan to be reaped")
 
 
-def test_large_output_arrives_intact(
-    start_agent: Callable[[Path], Client], rootfs: Path
+def read_position(pid: int, name: str) -> int | None:
+    """How far process ``pid`` has read the file ``name`` (its fdinfo ``pos``), None if it has
+    not opened it (yet)."""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        if os.readlink(f"/proc/{pid}/fd/{fd}").endswith(name):
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                return int(f.readline().split()[1])
+    return None
+
+
+def test_large_output_arrives_intact_with_backpressure(
+    start_agent: Callable[..., Client], rootfs: Path
 ) -> None:
     data = os.urandom(5 << 20)
     (rootfs / "big").write_bytes(data)
     client = ready(start_agent, rootfs)
-    result = run(client, ["cat", "/big"])
+    pid = client.exec(2, process(["cat", "/big"]))["pid"]
+    # While we do not read, the agent must stop reading cat once ~1 MiB waits for us.
+    deadline = time.monotonic() + 10
+    last: int | None = None
+    while (position := read_position(pid, "/big")) is None or position != last:
+        assert time.monotonic() < deadline, "cat never stopped"
+        last = position
+        time.sleep(0.1)  # sampling cat's progress until it stalls
+    assert position < 3 << 20, f"the agent read {position} bytes ahead of a host not reading"
+    result = client.collect(2)
     assert result.status == 0
     assert len(result.stdout) == len(data)
     assert hashlib.sha256(result.stdout).digest() == hashlib.sha256(data).digest()
 
 
 def test_malformed_control_frame_is_logged_and_serving_continues(
-    start_agent: Callable[[Path], Client], busybox_rootfs: Path
+    start_agent: Callable[..., Client], busybox_rootfs: Path
 ) -> None:
     client = start_agent(busybox_rootfs)
     client.send(protocol.encode(protocol.CONTROL, 0, b"{not json"))
@@ -525,7 +547,7 @@ def test_malformed_control_frame_is_logged_and_serving_continues(
 
 
 def test_broken_framing_closes_the_channel_cleanly(
-    start_agent: Callable[[Path], Client], busybox_rootfs: Path
+    start_agent: Callable[..., Client], busybox_rootfs: Path
 ) -> None:
     client = ready(start_agent, busybox_rootfs)
     assert client.exec(2, process(["sleep", "100"]))["ok"]
@@ -537,13 +559,34 @@ def test_broken_framing_closes_the_channel_cleanly(
 
 
 def test_shutdown_replies_then_stops_everything(
-    start_agent: Callable[[Path], Client], busybox_rootfs: Path
+    start_agent: Callable[..., Client], busybox_rootfs: Path
 ) -> None:
     client = ready(start_agent, busybox_rootfs)
     assert client.exec(1, process(["sleep", "100"]))["ok"]
     assert client.call("shutdown")["ok"]
     assert client.proc.wait(timeout=10) == 0
     assert not procfs.is_alive(client.pids[0], None)
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
+def test_pid1_mode_in_a_pid_namespace(
+    start_agent: Callable[..., Client], busybox_rootfs: Path
+) -> None:
+    """The PID 1 paths for real: kill(-1), reaping as init, ignored signals, reboot(2) (which
+    in a child pid namespace just ends it)."""
+    namespaces = ("unshare", "--pid", "--fork", "--mount", "--uts", "--ipc", "--mount-proc")
+    client = start_agent(busybox_rootfs, namespaces)
+    assert client.call("hello", version=protocol.VERSION)["pid"] == 1
+    # As PID 1 the clock, sysctls and entropy are guest-wide: here they would be the host's.
+    setup = container(time=None, entropy="", sysctl={})
+    assert client.call("setup", container=setup)["ok"]
+    script = "kill -INT 1; kill -TERM 1; sleep 100 & echo $!; exit 3"
+    assert client.call("exec", id=1, process=process(["sh", "-c", script]))["ok"]
+    assert client.collect(1).status == 3
+    assert client.call("ps")["pids"] == []  # the background sleep died with init, was reaped
+    assert client.call("hello", version=protocol.VERSION)["ok"]  # SIGINT/SIGTERM ignored
+    assert client.call("shutdown")["ok"]
+    client.proc.wait(timeout=10)
 
 
 def test_resolve_in_root_never_leaves_the_root(tmp_path: Path) -> None:
