@@ -1,0 +1,325 @@
+"""Docker workflows with `--runtime bonneville`, against a private dockerd the tests start.
+
+dockerd (Debian's docker.io) runs with its own data-root, exec-root and socket, so nothing
+touches a system daemon; the image is a busybox rootfs imported from a local tar.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import leftover_processes, make_busybox_rootfs
+
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.skipif(shutil.which("dockerd") is None, reason="dockerd is not installed"),
+]
+
+IMAGE = "bonneville-busybox:test"
+
+
+class Docker:
+    def __init__(self, socket_path: str) -> None:
+        self.env = {**os.environ, "DOCKER_HOST": f"unix://{socket_path}"}
+
+    def __call__(
+        self, *args: str, input: bytes | None = None, timeout: float = 180
+    ) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            ["docker", *args],
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            capture_output=True,
+            env=self.env,
+            timeout=timeout,
+            check=False,
+        )
+
+    def ok(self, *args: str, input: bytes | None = None) -> str:
+        result = self(*args, input=input)
+        assert result.returncode == 0, f"docker {' '.join(args)}: {result.stderr!r}"
+        return result.stdout.decode()
+
+    def run(self, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+        return self("run", "--rm", "--runtime", "bonneville", *args, input=input)
+
+
+@pytest.fixture(scope="module")
+def docker() -> Iterator[Docker]:
+    # Short paths: containerd and the shims put unix sockets under the exec root.
+    base = Path(tempfile.mkdtemp(prefix="bvd-", dir="/tmp"))
+    sock = base / "docker.sock"
+    log = open(base / "dockerd.log", "wb")  # noqa: SIM115
+    daemon = subprocess.Popen(
+        [
+            "dockerd",
+            "--data-root",
+            str(base / "data"),
+            "--exec-root",
+            str(base / "exec"),
+            "--host",
+            f"unix://{sock}",
+            "--pidfile",
+            str(base / "dockerd.pid"),
+            "--add-runtime",
+            f"bonneville={shutil.which('bonneville')}",
+            "--bridge=none",
+            "--iptables=false",
+            "--ip-masq=false",
+        ],
+        stdout=log,
+        stderr=log,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    client = Docker(str(sock))
+    try:
+        deadline = time.monotonic() + 60
+        while client("version").returncode != 0:
+            assert daemon.poll() is None, (base / "dockerd.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "dockerd did not come up"
+            time.sleep(0.2)
+        rootfs = make_busybox_rootfs(base / "rootfs")
+        tar = subprocess.run(["tar", "-C", str(rootfs), "-c", "."], capture_output=True, check=True)
+        client.ok("import", "-", IMAGE, input=tar.stdout)
+        yield client
+    finally:
+        ids = client("ps", "-aq").stdout.split()
+        if ids:
+            client("rm", "-f", *[i.decode() for i in ids])
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(daemon.pid, signal.SIGKILL)
+            daemon.wait()
+        log.close()
+        for mount in reversed(Path("/proc/self/mounts").read_text().splitlines()):
+            target = mount.split()[1]
+            if target.startswith(str(base)):
+                subprocess.run(["umount", "-l", target], check=False)
+        shutil.rmtree(base, ignore_errors=True)
+    assert leftover_processes(str(base)) == []
+
+
+def test_run_echo_uses_a_vm(docker: Docker) -> None:
+    result = docker.run(IMAGE, "uname", "-r")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().strip() != os.uname().release
+
+
+def test_exit_codes_and_stderr(docker: Docker) -> None:
+    result = docker.run(IMAGE, "sh", "-c", "echo out; echo err >&2; exit 7")
+    assert (result.returncode, result.stdout, result.stderr) == (7, b"out\n", b"err\n")
+
+
+def test_interactive_stdin(docker: Docker) -> None:
+    result = docker.run("-i", IMAGE, "tr", "a-z", "A-Z", input=b"piped through a vm\n")
+    assert result.stdout == b"PIPED THROUGH A VM\n"
+
+
+def test_tty_and_window_size(docker: Docker) -> None:
+    import pexpect
+
+    child = pexpect.spawn(
+        "docker",
+        ["run", "--rm", "-it", "--runtime", "bonneville", IMAGE, "sh"],
+        env=docker.env,
+        timeout=120,
+    )
+    child.setwinsize(40, 120)
+    child.expect(r"[#$] ")
+    child.sendline("tty; stty size; exit 5")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert b"/dev/pts/" in child.before and b"40 120" in child.before
+    assert child.exitstatus == 5
+
+
+def test_detached_logs_signals_stop_restart(docker: Docker) -> None:
+    script = (
+        "echo started; trap 'echo usr1' USR1; trap 'echo term; exit 0' TERM;"
+        " while true; do sleep 0.1; done"
+    )
+    cid = docker.ok("run", "-d", "--runtime", "bonneville", IMAGE, "sh", "-c", script).strip()
+    try:
+        wait_log(docker, cid, "started")
+        docker.ok("kill", "-s", "USR1", cid)
+        wait_log(docker, cid, "usr1")
+        docker.ok("pause", cid)
+        assert docker.ok("inspect", "-f", "{{.State.Status}}", cid).strip() == "paused"
+        docker.ok("unpause", cid)
+        docker.ok("stop", "-t", "30", cid)
+        wait_log(docker, cid, "term")
+        assert docker.ok("inspect", "-f", "{{.State.ExitCode}}", cid).strip() == "0"
+        docker.ok("restart", "-t", "1", cid)
+        assert docker.ok("exec", cid, "echo", "again").strip() == "again"
+        docker.ok("kill", cid)
+        assert docker.ok("wait", cid).strip() == "137"
+    finally:
+        docker("rm", "-f", cid)
+
+
+def test_stop_escalates_to_sigkill(docker: Docker) -> None:
+    cid = docker.ok(
+        "run",
+        "-d",
+        "--runtime",
+        "bonneville",
+        IMAGE,
+        "sh",
+        "-c",
+        "trap '' TERM; echo ready; while true; do sleep 0.1; done",
+    ).strip()
+    try:
+        wait_log(docker, cid, "ready")
+        docker.ok("stop", "-t", "1", cid)
+        assert docker.ok("inspect", "-f", "{{.State.ExitCode}}", cid).strip() == "137"
+    finally:
+        docker("rm", "-f", cid)
+
+
+def test_exec_variants_and_top(docker: Docker) -> None:
+    cid = docker.ok("run", "-d", "--runtime", "bonneville", IMAGE, "sleep", "1000").strip()
+    try:
+        result = docker("exec", cid, "sh", "-c", "echo in; echo err >&2; exit 4")
+        assert (result.returncode, result.stdout, result.stderr) == (4, b"in\n", b"err\n")
+        piped = docker("exec", "-i", cid, "tr", "a-z", "A-Z", input=b"abc\n")
+        assert piped.stdout == b"ABC\n"
+        who = docker.ok(
+            "exec",
+            "-u",
+            "65534:65534",
+            "-w",
+            "/tmp",
+            "-e",
+            "X=42",
+            cid,
+            "sh",
+            "-c",
+            "id -u; pwd; echo $X",
+        )
+        assert who == "65534\n/tmp\n42\n"
+        top = docker.ok("top", cid)
+        assert "PID" in top.splitlines()[0] and len(top.splitlines()) >= 2
+    finally:
+        docker("rm", "-f", cid)
+
+
+def test_exec_with_tty(docker: Docker) -> None:
+    import pexpect
+
+    cid = docker.ok("run", "-d", "--runtime", "bonneville", IMAGE, "sleep", "1000").strip()
+    try:
+        child = pexpect.spawn(
+            "docker", ["exec", "-it", cid, "sh", "-c", "tty; exit 3"], env=docker.env, timeout=120
+        )
+        child.expect(pexpect.EOF)
+        child.close()
+        assert b"/dev/pts/" in child.before and child.exitstatus == 3
+    finally:
+        docker("rm", "-f", cid)
+
+
+def test_config_options_reach_the_vm(docker: Docker, tmp_path: Path) -> None:
+    host_dir = tmp_path / "vol"
+    host_dir.mkdir()
+    (host_dir / "in").write_text("host data\n")
+    ro_dir = tmp_path / "ro"
+    ro_dir.mkdir()
+    script = (
+        "id -u; id -g; pwd; echo $FOO; hostname; cat /data/in; echo written > /data/out;"
+        " echo x > /ro/x 2>/dev/null || echo ro-refused;"
+        " echo x > /etc/x 2>/dev/null || echo root-ro; echo t > /scratch/t && echo tmpfs-ok;"
+        " grep MemTotal /proc/meminfo; nproc"
+    )
+    result = docker.run(
+        "-u",
+        "1000:1000",
+        "-w",
+        "/tmp",
+        "-e",
+        "FOO=bar",
+        "--hostname",
+        "vmhost",
+        "--read-only",
+        "--tmpfs",
+        "/scratch",
+        "-v",
+        f"{host_dir}:/data",
+        "-v",
+        f"{ro_dir}:/ro:ro",
+        "--memory",
+        "400m",
+        "--cpus",
+        "2",
+        IMAGE,
+        "sh",
+        "-c",
+        script,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.decode().splitlines()
+    assert lines[:10] == [
+        "1000",
+        "1000",
+        "/tmp",
+        "bar",
+        "vmhost",
+        "host data",
+        "ro-refused",
+        "root-ro",
+        "tmpfs-ok",
+        lines[9],
+    ]
+    # More than the default 256 MiB VM, at most the limit (the kernel keeps some for itself).
+    assert 300 * 1024 < int(lines[9].split()[1]) <= 400 * 1024
+    assert lines[10] == str(min(2, os.cpu_count() or 1))
+    assert (host_dir / "out").read_text() == "written\n"
+    assert not (ro_dir / "x").exists()
+
+
+def test_named_volume_persists(docker: Docker) -> None:
+    docker.ok("volume", "create", "bvol")
+    try:
+        docker.ok(
+            "run",
+            "--rm",
+            "--runtime",
+            "bonneville",
+            "-v",
+            "bvol:/v",
+            IMAGE,
+            "sh",
+            "-c",
+            "echo kept > /v/f",
+        )
+        out = docker.ok(
+            "run", "--rm", "--runtime", "bonneville", "-v", "bvol:/v", IMAGE, "cat", "/v/f"
+        )
+        assert out == "kept\n"
+    finally:
+        docker("volume", "rm", "bvol")
+
+
+def test_runtime_errors_reach_docker(docker: Docker) -> None:
+    result = docker.run(IMAGE, "/no/such/binary")
+    assert result.returncode != 0
+    assert b"/no/such/binary" in result.stderr
+
+
+def wait_log(docker: Docker, cid: str, text: str, timeout: float = 120) -> None:
+    """Poll `docker logs` for a line the container prints; a hang guard only."""
+    deadline = time.monotonic() + timeout
+    while text not in docker.ok("logs", cid):
+        assert time.monotonic() < deadline, f"{text!r} never appeared in the logs of {cid}"
+        time.sleep(0.2)
