@@ -66,4 +66,3 @@ def kill_tree(pid: int, sig: int) -> None:
             os.kill(target, sig)
         except ProcessLookupError:
             pass
-

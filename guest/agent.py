@@ -810,9 +810,10 @@ def mount_one(root: str, entry: dict[str, Any], log: Log) -> None:
     target = resolve_in_root(root, dest)
     if mtype in ("bind", "rbind") or flags & MS_BIND:
         extra = flags & (MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        # 9p shows the bind as a plain directory: bind it onto itself, so it is a mount point
+        # of its own that keeps its flags (rw under a read-only root, or ro, nosuid…).
+        mount(target, target, None, MS_BIND | MS_REC)
         if extra:
-            # 9p shows the bind as a plain directory: bind it onto itself to remount it.
-            mount(target, target, None, MS_BIND | MS_REC)
             remount_readonly(target, extra)
         return
     source = str(entry.get("source") or mtype)
@@ -945,8 +946,58 @@ def build_container(mode: Mode, container: dict[str, Any], log: Log) -> None:
         if container.get("readonly"):
             step = "remount the root read-only"
             remount_readonly(root)
+        if mode.guest_wide and container.get("network"):
+            step = "configure the network"
+            configure_network(container["network"])
     except OSError as exc:
         raise Refused(f"{step}: {errtext(exc)}") from exc
+
+
+def busybox(*args: str) -> None:
+    """Run a busybox applet of the guest's own root (not the container's) and wait for it."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            devnull = os.open("/dev/null", os.O_RDWR)
+            os.dup2(devnull, 0)
+            os.execv("/bin/busybox", list(args))
+        finally:
+            os._exit(127)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise Refused(f"{' '.join(args)} failed with status {os.waitstatus_to_exitcode(status)}")
+
+
+def configure_network(network: dict[str, Any]) -> None:
+    """Give the guest the addresses and routes the container's interfaces had on the host;
+    NICs are matched by MAC (the host gave each virtio NIC its veth's MAC)."""
+    busybox("ip", "link", "set", "lo", "up")
+    by_mac = {}
+    for name in os.listdir("/sys/class/net"):
+        try:
+            with open(f"/sys/class/net/{name}/address") as f:
+                by_mac[f.read().strip().lower()] = name
+        except OSError:
+            continue
+    names: dict[str, str] = {}
+    for iface in network.get("interfaces") or []:
+        mac = str(iface.get("mac", "")).lower()
+        if mac not in by_mac:
+            raise Refused(f"no network interface with MAC {mac} in the guest")
+        name = names[mac] = by_mac[mac]
+        if iface.get("mtu"):
+            busybox("ip", "link", "set", name, "mtu", str(int(iface["mtu"])))
+        busybox("ip", "link", "set", name, "up")
+        for address in iface.get("addresses") or []:
+            busybox("ip", "addr", "add", str(address), "dev", name)
+    for route in network.get("routes") or []:
+        args = ["ip", "route", "add", str(route.get("dst") or "default")]
+        if route.get("gateway"):
+            args += ["via", str(route["gateway"])]
+        dev = names.get(str(route.get("mac", "")).lower())
+        if dev:
+            args += ["dev", dev]
+        busybox(*args)
 
 
 # --- the agent ------------------------------------------------------------------------------

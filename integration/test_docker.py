@@ -72,7 +72,7 @@ def docker() -> Iterator[Docker]:
             str(base / "dockerd.pid"),
             "--add-runtime",
             f"bonneville={shutil.which('bonneville')}",
-            "--bridge=none",
+            # docker0 and docker-proxy, but no iptables rules left on the host afterwards.
             "--iptables=false",
             "--ip-masq=false",
         ],
@@ -233,6 +233,7 @@ def test_exec_with_tty(docker: Docker) -> None:
 def test_config_options_reach_the_vm(docker: Docker, tmp_path: Path) -> None:
     host_dir = tmp_path / "vol"
     host_dir.mkdir()
+    host_dir.chmod(0o777)  # the container writes as uid 1000
     (host_dir / "in").write_text("host data\n")
     ro_dir = tmp_path / "ro"
     ro_dir.mkdir()
@@ -284,6 +285,7 @@ def test_config_options_reach_the_vm(docker: Docker, tmp_path: Path) -> None:
     # More than the default 256 MiB VM, at most the limit (the kernel keeps some for itself).
     assert 300 * 1024 < int(lines[9].split()[1]) <= 400 * 1024
     assert lines[10] == str(min(2, os.cpu_count() or 1))
+    assert (host_dir / "out").exists(), result.stdout + result.stderr
     assert (host_dir / "out").read_text() == "written\n"
     assert not (ro_dir / "x").exists()
 
@@ -315,6 +317,76 @@ def test_runtime_errors_reach_docker(docker: Docker) -> None:
     result = docker.run(IMAGE, "/no/such/binary")
     assert result.returncode != 0
     assert b"/no/such/binary" in result.stderr
+
+
+def test_networking_bridge_peers(docker: Docker) -> None:
+    server = docker.ok(
+        "run",
+        "-d",
+        "--runtime",
+        "bonneville",
+        IMAGE,
+        "sh",
+        "-c",
+        "mkdir -p /www && echo hello-from-vm > /www/index.html && httpd -f -p 8080 -h /www",
+    ).strip()
+    try:
+        ip = docker.ok("inspect", "-f", "{{.NetworkSettings.IPAddress}}", server).strip()
+        # The guest owns the container's address: its NIC has the veth's MAC, IP and routes.
+        shown = docker.run(IMAGE, "sh", "-c", "ip -4 -o addr show eth0; ip route")
+        assert b"inet 172." in shown.stdout and b"default via" in shown.stdout
+        peer = wait_output(docker, IMAGE, "wget", "-qO-", f"http://{ip}:8080/")
+        assert peer == "hello-from-vm\n"
+    finally:
+        docker("rm", "-f", server)
+
+
+def test_user_network_peers(docker: Docker) -> None:
+    docker.ok("network", "create", "bnet")
+    server = ""
+    try:
+        server = docker.ok(
+            "run",
+            "-d",
+            "--runtime",
+            "bonneville",
+            "--network",
+            "bnet",
+            IMAGE,
+            "sh",
+            "-c",
+            "echo peer > /p && httpd -f -p 80 -h /",
+        ).strip()
+        ip = docker.ok(
+            "inspect", "-f", '{{(index .NetworkSettings.Networks "bnet").IPAddress}}', server
+        ).strip()
+        assert (
+            wait_output(docker, "--network", "bnet", IMAGE, "wget", "-qO-", f"http://{ip}/p")
+            == "peer\n"
+        )
+    finally:
+        if server:
+            docker("rm", "-f", server)
+        docker("network", "rm", "bnet")
+
+
+def test_network_none_and_host(docker: Docker) -> None:
+    links = docker.run("--network", "none", IMAGE, "sh", "-c", "ip -o link | wc -l")
+    assert links.stdout.strip() == b"1"  # only lo
+    host = docker.run("--network", "host", IMAGE, "true")
+    assert host.returncode != 0
+    assert b"cannot share the host's network stack" in host.stderr
+
+
+def wait_output(docker: Docker, *args: str, timeout: float = 120) -> str:
+    """`docker run` until it succeeds (the server VM may still be booting); its output."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = docker.run(*args)
+        if result.returncode == 0:
+            return result.stdout.decode()
+        assert time.monotonic() < deadline, result.stderr
+        time.sleep(0.5)
 
 
 def wait_log(docker: Docker, cid: str, text: str, timeout: float = 120) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Runtime
+from conftest import Runtime, default_config
 from tests.test_lifecycle import *  # noqa: F403 - the same cases, another backend
 from tests.test_lifecycle import make_bundle
 
@@ -28,14 +28,17 @@ def test_the_container_runs_in_a_vm(runtime: Runtime, tmp_path: Path) -> None:
 
 
 def test_resources_shape_the_vm(runtime: Runtime, tmp_path: Path) -> None:
+    linux = default_config(["true"])["linux"]
+    assert isinstance(linux, dict)
     bundle = make_bundle(
         tmp_path,
         ["sh", "-c", "grep MemTotal /proc/meminfo; nproc"],
         linux={
+            **linux,
             "resources": {
                 "memory": {"limit": 384 * 1024 * 1024},
                 "cpu": {"quota": 200000, "period": 100000},
-            }
+            },
         },
     )
     result = runtime("run", "-b", str(bundle), "vm2")

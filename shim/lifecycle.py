@@ -118,7 +118,7 @@ def create(
     use_stdio_tty: bool = False,
 ) -> ContainerState:
     """Create the container: its VM is up and its agent ready when this returns."""
-    from bonneville.backends.base import get_backend
+    from bonneville.backends.base import Capability, get_backend
     from bonneville.shim import monitor
     from bonneville.spec.config import load_bundle
 
@@ -136,7 +136,12 @@ def create(
             "cannot use console socket if bonneville will not detach or allocate tty"
         )
     backend_name = ctx.backend_for_create()
-    get_backend(backend_name)  # an unknown or unavailable backend fails before anything exists
+    backend = get_backend(backend_name)  # unknown or unavailable: fail before anything exists
+    if Capability.NETWORK in backend.capabilities and _shares_host_network(spec.linux):
+        raise BonnevilleError(
+            "a VM cannot share the host's network stack: the config has no network namespace"
+            " (docker --network host is not supported; use a bridge network or --network none)"
+        )
 
     ctx.store.create_dir(container_id)
     st = ContainerState(
@@ -191,6 +196,20 @@ def create(
             sync.close()
     log.debug("created %s (monitor %d)", container_id, monitor_pid)
     return st
+
+
+def _shares_host_network(linux: Any) -> bool:
+    """No network namespace, or a path naming our own (docker --network host passes one)."""
+    ns = linux.namespace("network")
+    if ns is None:
+        return True
+    if not ns.path:
+        return False
+    try:
+        theirs, ours = os.stat(ns.path), os.stat("/proc/self/ns/net")
+    except OSError as exc:
+        raise BonnevilleError(f"network namespace {ns.path}: {exc.strerror}") from exc
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
 
 
 def _abort_create(ctx: Context, st: ContainerState, monitor_pid: int) -> None:

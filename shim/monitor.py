@@ -27,9 +27,9 @@ import tty
 from dataclasses import dataclass
 from typing import Any
 
-from bonneville.backends.base import VM, Backend, VMConfig, get_backend
+from bonneville.backends.base import VM, Backend, Capability, VMConfig, get_backend
 from bonneville.guest import protocol
-from bonneville.shim import hostns, state, unixsock
+from bonneville.shim import hostns, network, state, unixsock
 from bonneville.shim.agent_client import AgentConnection
 from bonneville.shim.signals import IGNORED_BY_DEFAULT
 from bonneville.spec.config import Bundle
@@ -100,6 +100,9 @@ class Monitor:
         self.out_fds = {protocol.STDOUT: 1, protocol.STDERR: 2}
         self.next_stream = protocol.INIT_STREAM + 1
         self.sessions: dict[int, ExecSession] = {}
+        self.own_netns = False  # we sit in the container's network namespace, not the host's
+        self.interfaces: list[network.Interface] = []
+        self.routes: list[dict[str, Any]] = []
         self.sig_r, self.sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # ---- process set-up -------------------------------------------------------------------
@@ -150,6 +153,7 @@ class Monitor:
                 hostns.setns(ns.path, hostns.CLONE_NEWNET)
             else:
                 hostns.unshare(hostns.CLONE_NEWNET)
+            self.own_netns = True
 
     def _prepare_share(self) -> str:
         share = os.path.join(self.cfg.state_dir, state.SHARE_DIR)
@@ -199,6 +203,7 @@ class Monitor:
             "sysctl": dict(linux.sysctl) if linux else {},
             "time": time.time(),
             "entropy": base64.b64encode(os.urandom(64)).decode(),
+            "network": network.guest_config(self.interfaces, self.routes),
         }
 
     def _launch(self, share: str) -> None:
@@ -207,6 +212,9 @@ class Monitor:
         resources = self.spec.linux.resources if self.spec.linux else None
         host_cpus = os.cpu_count() or 1
         self.backend = get_backend(self.cfg.backend)
+        if self.own_netns and Capability.NETWORK in self.backend.capabilities:
+            self.interfaces, self.routes = network.discover()
+            network.wire(self.interfaces)
         if self.cfg.backend == "fake":
             kernel = initrd = ""
             kernel_args: tuple[str, ...] = ()
@@ -221,8 +229,11 @@ class Monitor:
             run_dir=self.cfg.state_dir,
             kernel=kernel,
             initrd=initrd,
-            readonly_share=self.spec.root.readonly,
+            # A read-only root is enforced by the share's own mount (ro on the host side) and
+            # the guest's remount; QEMU's readonly=on would also freeze rw volumes beneath it.
+            readonly_share=False,
             kernel_args=kernel_args,
+            nics=tuple((i.tap, i.mac) for i in self.interfaces),
         )
         self.vm = self.backend.launch(vm_config)
         self.agent = AgentConnection(self.vm.channel)

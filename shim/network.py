@@ -1,0 +1,111 @@
+"""The container's network namespace, handed to its VM.
+
+dockerd (through its prestart hook) or CNI puts a veth with the container's addresses into the
+namespace the monitor sits in. The VM must own that address: for each such interface we create
+a tap, mirror every frame between veth and tap with tc (ingress redirect both ways), and give
+the guest NIC the veth's MAC, addresses and routes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass, field
+from typing import Any
+
+from bonneville.spec.errors import BonnevilleError
+
+_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
+
+
+@dataclass
+class Interface:
+    name: str
+    mac: str
+    mtu: int
+    addresses: list[str] = field(default_factory=list)
+    tap: str = ""
+
+
+def _ip(*args: str) -> Any:
+    result = subprocess.run(
+        ["ip", *args], capture_output=True, text=True, env=_ENV, close_fds=True, check=False
+    )
+    if result.returncode != 0:
+        raise BonnevilleError(f"ip {' '.join(args)}: {result.stderr.strip()}")
+    return json.loads(result.stdout) if "-j" in args and result.stdout.strip() else None
+
+
+def _run(*argv: str) -> None:
+    result = subprocess.run(
+        list(argv), capture_output=True, text=True, env=_ENV, close_fds=True, check=False
+    )
+    if result.returncode != 0:
+        raise BonnevilleError(f"{' '.join(argv)}: {result.stderr.strip()}")
+
+
+def discover() -> tuple[list[Interface], list[dict[str, Any]]]:
+    """The namespace's interfaces (not lo) with their IPv4 addresses, and its routes."""
+    interfaces = []
+    for link in _ip("-j", "addr", "show"):
+        if link.get("link_type") != "ether" or link.get("ifname", "").startswith("bvtap"):
+            continue
+        addresses = [
+            f"{a['local']}/{a['prefixlen']}"
+            for a in link.get("addr_info", [])
+            if a.get("family") == "inet"
+        ]
+        interfaces.append(
+            Interface(
+                link["ifname"], link["address"].lower(), int(link.get("mtu", 1500)), addresses
+            )
+        )
+    routes = []
+    by_name = {i.name: i for i in interfaces}
+    for route in _ip("-j", "-4", "route", "show"):
+        iface = by_name.get(route.get("dev", ""))
+        if iface is None or route.get("protocol") == "kernel":
+            continue  # routes of the interfaces' own subnets come with their addresses
+        routes.append(
+            {"dst": route.get("dst", "default"), "gateway": route.get("gateway"), "mac": iface.mac}
+        )
+    return interfaces, routes
+
+
+def wire(interfaces: list[Interface]) -> None:
+    """A tap per interface, frames mirrored both ways (the tap is what QEMU opens)."""
+    for index, iface in enumerate(interfaces):
+        iface.tap = f"bvtap{index}"
+        _ip("tuntap", "add", "dev", iface.tap, "mode", "tap")
+        _ip("link", "set", iface.tap, "mtu", str(iface.mtu), "up")
+        for src, dst in ((iface.name, iface.tap), (iface.tap, iface.name)):
+            _run("tc", "qdisc", "add", "dev", src, "ingress")
+            _run(
+                "tc",
+                "filter",
+                "add",
+                "dev",
+                src,
+                "parent",
+                "ffff:",
+                "protocol",
+                "all",
+                "u32",
+                "match",
+                "u8",
+                "0",
+                "0",
+                "action",
+                "mirred",
+                "egress",
+                "redirect",
+                "dev",
+                dst,
+            )
+
+
+def guest_config(interfaces: list[Interface], routes: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "interfaces": [{"mac": i.mac, "mtu": i.mtu, "addresses": i.addresses} for i in interfaces],
+        "routes": routes,
+    }
