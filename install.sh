@@ -10,17 +10,26 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 export DEBIAN_FRONTEND=noninteractive
-apt-get update -q
-apt-get install -y -q --no-install-recommends \
-    python3 python3-venv python3-dev gcc \
-    qemu-system-x86 qemu-utils linux-image-amd64 busybox-static \
-    kmod cpio xz-utils iproute2 procps ca-certificates tar \
-    docker.io containerd runc iptables
+PACKAGES="python3 python3-venv python3-dev gcc
+    qemu-system-x86 qemu-utils linux-image-amd64 busybox-static
+    kmod cpio xz-utils iproute2 procps ca-certificates tar
+    docker.io containerd runc iptables"
+# Only what is missing: a machine that has everything installs nothing (and needs no network).
+missing=""
+for p in $PACKAGES; do
+    dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    apt-get update -q
+    # shellcheck disable=SC2086
+    apt-get install -y -q --no-install-recommends $missing
+fi
 VENV=/opt/bonneville/venv
 # Debian's own interpreter: the guest image carries this same Python.
 [ -x "$VENV/bin/python" ] || /usr/bin/python3 -m venv "$VENV"
-"$VENV/bin/pip" install -q --upgrade pip
-"$VENV/bin/pip" install -q -e '.[test]'
+# No build isolation: with its build tools in the venv, a re-install needs no index.
+"$VENV/bin/pip" install -q wheel 'setuptools>=66'
+"$VENV/bin/pip" install -q --no-build-isolation -e '.[test]'
 ln -sf "$VENV/bin/bonneville" /usr/local/bin/bonneville
 bonneville image build
 echo "bonneville installed: $(command -v bonneville)"

@@ -121,50 +121,7 @@ TIOCSPTLCK = 0x40045431
 TIOCGPTPEER = 0x5441
 RNDADDENTROPY = 0x40085203
 
-CAPABILITIES = (
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_DAC_READ_SEARCH",
-    "CAP_FOWNER",
-    "CAP_FSETID",
-    "CAP_KILL",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETPCAP",
-    "CAP_LINUX_IMMUTABLE",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_NET_BROADCAST",
-    "CAP_NET_ADMIN",
-    "CAP_NET_RAW",
-    "CAP_IPC_LOCK",
-    "CAP_IPC_OWNER",
-    "CAP_SYS_MODULE",
-    "CAP_SYS_RAWIO",
-    "CAP_SYS_CHROOT",
-    "CAP_SYS_PTRACE",
-    "CAP_SYS_PACCT",
-    "CAP_SYS_ADMIN",
-    "CAP_SYS_BOOT",
-    "CAP_SYS_NICE",
-    "CAP_SYS_RESOURCE",
-    "CAP_SYS_TIME",
-    "CAP_SYS_TTY_CONFIG",
-    "CAP_MKNOD",
-    "CAP_LEASE",
-    "CAP_AUDIT_WRITE",
-    "CAP_AUDIT_CONTROL",
-    "CAP_SETFCAP",
-    "CAP_MAC_OVERRIDE",
-    "CAP_MAC_ADMIN",
-    "CAP_SYSLOG",
-    "CAP_WAKE_ALARM",
-    "CAP_BLOCK_SUSPEND",
-    "CAP_AUDIT_READ",
-    "CAP_PERFMON",
-    "CAP_BPF",
-    "CAP_CHECKPOINT_RESTORE",
-)
-CAP_NUMBERS = {name: number for number, name in enumerate(CAPABILITIES)}
+CAP_NUMBERS = {name: number for number, name in enumerate(protocol.CAPABILITIES)}
 
 # runc's default devices on a tmpfs /dev: name, major, minor (used when the agent's own /dev
 # lacks the node to copy the numbers from).
@@ -1019,7 +976,7 @@ class Agent:
             with open("/proc/sys/kernel/cap_last_cap") as f:
                 self.cap_last = int(f.read())
         except OSError:
-            self.cap_last = len(CAPABILITIES) - 1
+            self.cap_last = len(protocol.CAPABILITIES) - 1
         self.wake_r, self.wake_w = os.pipe()
         set_nonblocking(self.wake_r)
         set_nonblocking(self.wake_w)
@@ -1397,11 +1354,34 @@ class Agent:
             if proc is not None:
                 self.finish(proc, status)
 
+    def reap_all(self, exclude: Proc, timeout: float = 10.0) -> None:
+        """Wait (bounded) until every killed container process is reaped."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                # SIGCHLD writes to the wake-up pipe: wait on it, not on a timer.
+                select.select([self.wake_r], [], [], max(deadline - time.monotonic(), 0))
+                try:
+                    while os.read(self.wake_r, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+                continue
+            other = self.by_pid.pop(pid, None)
+            if other is not None and other is not exclude:
+                self.finish(other, status)
+
     def finish(self, proc: Proc, status: int) -> None:
         """A host process ended: its remaining output, EOFs, then ``exit``."""
         if proc.id == protocol.INIT_STREAM:
-            # The container ends with its init, as a pid namespace does.
+            # The container ends with its init, as a pid namespace does: once init's exit is
+            # reported, no other container process is left (nor a zombie of one).
             self.mode.kill_container(signal.SIGKILL)
+            self.reap_all(exclude=proc)
         for fd in list(proc.outputs):
             # Until EAGAIN only: a background grandchild may hold the pipe open forever.
             drained = 0

@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import selectors
 import signal
 import socket
-import struct
 import termios
 import tty
 from collections.abc import Callable
 from typing import Any
 
 from bonneville.guest import protocol
-from bonneville.shim import unixsock
+from bonneville.shim import console, unixsock
 from bonneville.spec.errors import BonnevilleError
 
 _UNFORWARDED = {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGPIPE}
@@ -72,24 +70,13 @@ class ExecProxy:
         if not self.terminal:
             return
         if self.console_socket:
-            master, slave = os.openpty()
-            tty.setraw(slave)
             size = self.process.get("consoleSize")
-            if isinstance(size, dict):
-                fcntl.ioctl(
-                    slave,
-                    termios.TIOCSWINSZ,
-                    struct.pack("HHHH", size.get("height", 24), size.get("width", 80), 0, 0),
-                )
-            with unixsock.connect_unix(self.console_socket, timeout=10) as sock:
-                socket.send_fds(sock, [b"/dev/ptmx"], [master])
-            os.close(master)
-            # Our own session with the slave as controlling tty: resizes then reach us.
-            with contextlib.suppress(OSError):
-                os.setsid()
-            with contextlib.suppress(OSError):
-                fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
-            self.console_fd = slave
+            rows_cols = (
+                (int(size.get("height", 24)), int(size.get("width", 80)))
+                if isinstance(size, dict)
+                else None
+            )
+            self.console_fd = console.open_console(self.console_socket, rows_cols)
         elif os.isatty(0):
             self.saved_tty = termios.tcgetattr(0)
             tty.setraw(0)
@@ -188,10 +175,8 @@ class ExecProxy:
     def _send_window_size(self) -> None:
         if not self.terminal or self.console_fd < 0 or self.conn is None:
             return
-        try:
-            packed = fcntl.ioctl(self.console_fd, termios.TIOCGWINSZ, b"\0" * 8)
-        except OSError:
-            return
-        rows, cols, _, _ = struct.unpack("HHHH", packed)
-        if rows and cols:
-            self.conn.sendall(protocol.encode_control({"op": "resize", "rows": rows, "cols": cols}))
+        size = console.window_size(self.console_fd)
+        if size:
+            self.conn.sendall(
+                protocol.encode_control({"op": "resize", "rows": size[0], "cols": size[1]})
+            )

@@ -11,25 +11,21 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
-import fcntl
 import json
 import logging
 import os
 import selectors
 import signal
 import socket
-import struct
 import sys
-import termios
 import time
 import traceback
-import tty
 from dataclasses import dataclass
 from typing import Any
 
 from bonneville.backends.base import VM, Backend, Capability, VMConfig, get_backend
 from bonneville.guest import protocol
-from bonneville.shim import hostns, network, state, unixsock
+from bonneville.shim import console, hostns, network, state, unixsock
 from bonneville.shim.agent_client import AgentConnection
 from bonneville.shim.signals import IGNORED_BY_DEFAULT
 from bonneville.spec.config import Bundle
@@ -250,26 +246,9 @@ class Monitor:
             raise SetupFailed(
                 "cannot allocate tty if bonneville will detach without setting console socket"
             )
-        master, slave = os.openpty()
-        # The guest's pty does the line discipline; ours must pass bytes through untouched.
-        tty.setraw(slave)
         process = self.spec.process
-        if process and process.console_size:
-            rows, cols = process.console_size
-            fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-        # Becoming the slave's controlling process gives us SIGWINCH when the caller resizes.
-        with contextlib.suppress(OSError):
-            fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
-        try:
-            sock = unixsock.connect_unix(self.cfg.console_socket, timeout=10)
-        except OSError as exc:
-            raise SetupFailed(
-                f"cannot connect to console socket {self.cfg.console_socket}: {exc.strerror}"
-            ) from exc
-        with sock:
-            socket.send_fds(sock, [b"/dev/ptmx"], [master])
-        os.close(master)
-        self.console_fd = slave
+        size = process.console_size if process else None
+        self.console_fd = console.open_console(self.cfg.console_socket, size)
 
     def setup(self) -> None:
         assert self.sync is not None
@@ -653,14 +632,10 @@ class Monitor:
     def _send_window_size(self) -> None:
         if not self.terminal or self.console_fd < 0 or not self.started or self.agent is None:
             return
-        try:
-            packed = fcntl.ioctl(self.console_fd, termios.TIOCGWINSZ, b"\0" * 8)
-        except OSError:
-            return
-        rows, cols, _, _ = struct.unpack("HHHH", packed)
-        if rows and cols:
+        size = console.window_size(self.console_fd)
+        if size:
             self.agent.request(
-                "resize", lambda _r: None, id=protocol.INIT_STREAM, rows=rows, cols=cols
+                "resize", lambda _r: None, id=protocol.INIT_STREAM, rows=size[0], cols=size[1]
             )
 
 
