@@ -139,8 +139,9 @@ def create(
     backend = get_backend(backend_name)  # unknown or unavailable: fail before anything exists
     if Capability.NETWORK in backend.capabilities and _shares_host_network(spec.linux):
         raise BonnevilleError(
-            "a VM cannot share the host's network stack: the config has no network namespace"
-            " (docker --network host is not supported; use a bridge network or --network none)"
+            "a VM cannot share the host's network stack: the config gives the container no network"
+            " namespace of its own (docker --network host is not supported; use a bridge network"
+            " or --network none)"
         )
 
     ctx.store.create_dir(container_id)
