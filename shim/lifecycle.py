@@ -396,32 +396,31 @@ def _stop_monitor(ctx: Context, st: ContainerState) -> None:
 
 def delete(ctx: Context, container_id: str, force: bool = False) -> None:
     try:
-        lock = ctx.store.lock(container_id)
-        lock.__enter__()
+        with ctx.store.lock(container_id):
+            _delete_locked(ctx, container_id, force)
     except ContainerNotFound:
-        if force:
-            return
-        raise
+        if not force:  # runc: delete --force of an unknown container succeeds
+            raise
+
+
+def _delete_locked(ctx: Context, container_id: str, force: bool) -> None:
     try:
-        try:
-            st = ctx.store.load(container_id)
-        except ContainerNotFound:
-            # A directory without a state file: a create that died before writing it.
-            ctx.store.remove(container_id)
-            return
-        status = refresh(ctx, st)
-        if status in (Status.RUNNING, Status.PAUSED, Status.CREATING) and not force:
-            raise InvalidState(
-                f"cannot delete container {container_id} that is not stopped: {status.value}",
-                status.value,
-            )
-        if status is Status.CREATING and st.creator_pid:
-            _forward(st.creator_pid, signal.SIGKILL)
-        _stop_monitor(ctx, st)
-        hooks.run_hooks_warn("poststop", st.poststop_hooks, _hook_state(st, Status.STOPPED))
+        st = ctx.store.load(container_id)
+    except ContainerNotFound:
+        # A directory without a state file: a create that died before writing it.
         ctx.store.remove(container_id)
-    finally:
-        lock.__exit__(None, None, None)
+        return
+    status = refresh(ctx, st)
+    if status in (Status.RUNNING, Status.PAUSED, Status.CREATING) and not force:
+        raise InvalidState(
+            f"cannot delete container {container_id} that is not stopped: {status.value}",
+            status.value,
+        )
+    if status is Status.CREATING and st.creator_pid:
+        _forward(st.creator_pid, signal.SIGKILL)
+    _stop_monitor(ctx, st)
+    hooks.run_hooks_warn("poststop", st.poststop_hooks, _hook_state(st, Status.STOPPED))
+    ctx.store.remove(container_id)
 
 
 def container_state(ctx: Context, container_id: str) -> dict[str, Any]:
