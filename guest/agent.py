@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bonneville.guest import protocol
+from bonneville.guest.paths import resolve_in_root
 
 CONTAINER_ROOT = "/run/container/root"
 NINEP_OPTIONS = "trans=virtio,version=9p2000.L,msize=512000,cache=mmap,access=client"
@@ -242,37 +243,6 @@ def remount_readonly(path: str, extra: int = MS_RDONLY) -> None:
     """Make the mount at ``path`` read-only (or add ``extra`` flags), keeping its other flags."""
     kept = os.statvfs(path).f_flag & KEPT_ON_REMOUNT
     mount(None, path, None, MS_BIND | MS_REMOUNT | kept | extra)
-
-
-def resolve_in_root(root: str, path: str) -> str:
-    """The host path of container path ``path``: symlinks resolve inside ``root``, ``..`` stops
-    at it (as filepath-securejoin does for runc). Missing components are kept literally."""
-    pending = [p for p in path.split("/") if p not in ("", ".")]
-    resolved: list[str] = []
-    links = 0
-    while pending:
-        part = pending.pop(0)
-        if part == "..":
-            if resolved:
-                resolved.pop()
-            continue
-        candidate = os.path.join(root, *resolved, part)
-        try:
-            st = os.lstat(candidate)
-        except (FileNotFoundError, NotADirectoryError):
-            resolved.append(part)
-            continue
-        if stat.S_ISLNK(st.st_mode):
-            links += 1
-            if links > 255:
-                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
-            target = os.readlink(candidate)
-            if target.startswith("/"):
-                resolved = []
-            pending[:0] = [p for p in target.split("/") if p not in ("", ".")]
-            continue
-        resolved.append(part)
-    return os.path.join(root, *resolved)
 
 
 def descendants(pid: int) -> list[int]:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-import stat
 
+from bonneville.guest import paths
 from bonneville.spec.errors import BonnevilleError
 
 CLONE_NEWNS = 0x00020000
@@ -96,38 +96,15 @@ def option_flags(options: tuple[str, ...] | list[str]) -> int:
     return flags
 
 
-def resolve_in_root(root: str, path: str, max_links: int = 40) -> str:
-    """``path`` taken inside ``root``: symlinks resolve relative to ``root`` and can never lead
-    out of it (a rootfs whose /data links to /etc must not make us mount over the host's /etc).
-    """
+def resolve_in_root(root: str, path: str) -> str:
+    """``path`` taken inside ``root`` (guest/paths.py); a destination with ``..`` is refused
+    outright on the host, where a mistake would touch the host's own files."""
     if any(part == ".." for part in path.split("/")):
         raise BonnevilleError(f"mount destination {path!r} must not contain '..'")
-    pending = [p for p in path.split("/") if p not in ("", ".")]
-    resolved: list[str] = []
-    links = 0
-    while pending:
-        part = pending.pop(0)
-        if part == "..":
-            if resolved:
-                resolved.pop()
-            continue
-        candidate = os.path.join(root, *resolved, part)
-        try:
-            st = os.lstat(candidate)
-        except FileNotFoundError:
-            resolved.append(part)
-            continue
-        if stat.S_ISLNK(st.st_mode):
-            links += 1
-            if links > max_links:
-                raise BonnevilleError(f"too many symlinks resolving {path!r} in the rootfs")
-            target = os.readlink(candidate)
-            if target.startswith("/"):
-                resolved = []
-            pending = [p for p in target.split("/") if p not in ("", ".")] + pending
-            continue
-        resolved.append(part)
-    return os.path.join(root, *resolved)
+    try:
+        return paths.resolve_in_root(root, path)
+    except OSError as exc:
+        raise BonnevilleError(f"too many symlinks resolving {path!r} in the rootfs") from exc
 
 
 def make_mountpoint(root: str, path: str, is_dir: bool) -> str:
