@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import Runtime, default_config
+from conftest import Runtime, default_config, write_bundle
 from tests.test_lifecycle import *  # noqa: F403 - the same cases, another backend
 from tests.test_lifecycle import make_bundle
 
@@ -47,3 +48,25 @@ def test_resources_shape_the_vm(runtime: Runtime, tmp_path: Path) -> None:
     mem_kib = int(mem_line.split()[1])
     assert 300 * 1024 < mem_kib <= 384 * 1024
     assert nproc.strip() == str(min(2, os.cpu_count() or 1))
+
+
+@pytest.mark.parametrize("path", [None, "/proc/self/ns/net"])
+def test_host_network_namespace_is_refused(
+    runtime: Runtime, tmp_path: Path, path: str | None
+) -> None:
+    """A VM cannot share the host's stack; wiring taps there would hijack the host's NICs."""
+    config = default_config(["true"])
+    linux = config["linux"]
+    assert isinstance(linux, dict)
+    namespaces = [n for n in linux["namespaces"] if n["type"] != "network"]
+    if path is not None:
+        namespaces.append({"type": "network", "path": path})
+    linux["namespaces"] = namespaces
+    bundle = write_bundle(tmp_path / "bundle", config)
+    before = subprocess.run(["tc", "qdisc", "show"], capture_output=True, check=True).stdout
+    result = runtime("create", "-b", str(bundle), "h1")
+    assert result.returncode == 1
+    assert b"cannot share the host's network stack" in result.stderr
+    assert not (runtime.root / "h1").exists()
+    after = subprocess.run(["tc", "qdisc", "show"], capture_output=True, check=True).stdout
+    assert after == before

@@ -77,6 +77,12 @@ def mount(
     _check(result, f"mount {source} on {target}")
 
 
+def namespace_id(path: str) -> tuple[int, int]:
+    """Identity of the namespace at ``path`` (two paths name the same one iff these match)."""
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino)
+
+
 def make_private_mount_namespace() -> None:
     unshare(CLONE_NEWNS)
     mount("none", "/", None, MS_REC | MS_PRIVATE)

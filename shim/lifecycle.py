@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bonneville.backends import procfs
-from bonneville.shim import hooks, state, unixsock
+from bonneville.shim import hooks, hostns, state, unixsock
 from bonneville.shim.state import ContainerState, Store
 from bonneville.shim.status import Status
 from bonneville.spec.errors import (
@@ -167,6 +167,7 @@ def create(
                 backend=backend_name,
                 console_socket=os.path.abspath(console_socket) if console_socket else None,
                 use_stdio_tty=use_stdio_tty,
+                runtime_netns=hostns.namespace_id("/proc/self/ns/net"),
             )
             monitor_pid, sync = monitor.spawn(config)
             st.pid = monitor_pid
@@ -207,10 +208,9 @@ def _shares_host_network(linux: Any) -> bool:
     if not ns.path:
         return False
     try:
-        theirs, ours = os.stat(ns.path), os.stat("/proc/self/ns/net")
+        return hostns.namespace_id(ns.path) == hostns.namespace_id("/proc/self/ns/net")
     except OSError as exc:
         raise BonnevilleError(f"network namespace {ns.path}: {exc.strerror}") from exc
-    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
 
 
 def _abort_create(ctx: Context, st: ContainerState, monitor_pid: int) -> None:

@@ -47,6 +47,8 @@ class MonitorConfig:
     console_socket: str | None
     # `run` without a console socket uses the caller's terminal (fds 0/1) as the console.
     use_stdio_tty: bool = False
+    # (st_dev, st_ino) of the network namespace create ran in: never the container's.
+    runtime_netns: tuple[int, int] = (0, 0)
 
 
 class SetupFailed(BonnevilleError):
@@ -149,6 +151,9 @@ class Monitor:
                 hostns.setns(ns.path, hostns.CLONE_NEWNET)
             else:
                 hostns.unshare(hostns.CLONE_NEWNET)
+            if hostns.namespace_id("/proc/self/ns/net") == self.cfg.runtime_netns:
+                # create refuses this already; wiring taps here would hijack the host's NICs.
+                raise SetupFailed("the container's network namespace is the runtime's own")
             self.own_netns = True
 
     def _prepare_share(self) -> str:

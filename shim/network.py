@@ -15,6 +15,7 @@ from typing import Any
 
 from bonneville.spec.errors import BonnevilleError
 
+CONTAINER_LINK_KINDS = frozenset({"veth", "macvlan", "ipvlan", "macvtap"})
 _ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 
 
@@ -47,8 +48,11 @@ def _run(*argv: str) -> None:
 def discover() -> tuple[list[Interface], list[dict[str, Any]]]:
     """The namespace's interfaces (not lo) with their IPv4 addresses, and its routes."""
     interfaces = []
-    for link in _ip("-j", "addr", "show"):
-        if link.get("link_type") != "ether" or link.get("ifname", "").startswith("bvtap"):
+    for link in _ip("-j", "-d", "addr", "show"):
+        # Only what container networking hands a namespace: a physical NIC, an ifb or our own
+        # taps must never be taken over (were we ever in the host's namespace by mistake).
+        kind = (link.get("linkinfo") or {}).get("info_kind")
+        if link.get("link_type") != "ether" or kind not in CONTAINER_LINK_KINDS:
             continue
         addresses = [
             f"{a['local']}/{a['prefixlen']}"
