@@ -10,6 +10,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -336,12 +337,14 @@ def test_runtime_errors_reach_docker(docker: Docker) -> None:
     assert b"/no/such/binary" in result.stderr
 
 
-def test_networking_bridge_peers(docker: Docker) -> None:
+def test_networking_bridge_ports_and_peers(docker: Docker) -> None:
     server = docker.ok(
         "run",
         "-d",
         "--runtime",
         "bonneville",
+        "-p",
+        "127.0.0.1:18080:8080",
         IMAGE,
         "sh",
         "-c",
@@ -355,6 +358,9 @@ def test_networking_bridge_peers(docker: Docker) -> None:
         assert b"default via 172.31.250.1" in shown.stdout, shown
         peer = wait_output(docker, IMAGE, "wget", "-qO-", f"http://{ip}:8080/")
         assert peer == "hello-from-vm\n"
+        # From the host, through docker-proxy on the published port.
+        reply = http_get("127.0.0.1", 18080)
+        assert reply.endswith(b"hello-from-vm\n"), reply
     finally:
         docker("rm", "-f", server)
 
@@ -394,6 +400,26 @@ def test_network_none_and_host(docker: Docker) -> None:
     host = docker.run("--network", "host", IMAGE, "true")
     assert host.returncode != 0
     assert b"cannot share the host's network stack" in host.stderr
+
+
+def http_get(host: str, port: int, timeout: float = 120) -> bytes:
+    """GET / with a plain socket (no proxy settings apply); retried while the VM boots."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=10) as conn:
+                conn.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+                data = b""
+                while chunk := conn.recv(65536):
+                    data += chunk
+            if data.startswith(b"HTTP/1"):
+                return data
+            last = repr(data)
+        except OSError as exc:
+            last = repr(exc)
+        assert time.monotonic() < deadline, f"the published port never answered: {last}"
+        time.sleep(0.5)
 
 
 def wait_output(docker: Docker, *args: str, timeout: float = 120) -> str:
