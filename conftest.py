@@ -132,3 +132,20 @@ def leftover_processes(marker: str) -> list[str]:
         if marker in cmd and not zombie:
             found.append(f"{pid}: {cmd}")
     return found
+
+
+def stop_daemon(daemon: subprocess.Popen[bytes], base: Path) -> None:
+    """Stop a daemon the tests started (TERM, then KILL), unmount what it left under ``base``
+    and remove ``base``."""
+    import signal
+
+    daemon.send_signal(signal.SIGTERM)
+    try:
+        daemon.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(daemon.pid, signal.SIGKILL)
+        daemon.wait()
+    for mount in reversed(Path("/proc/self/mounts").read_text().splitlines()):
+        target = mount.split()[1]
+        if target.startswith(str(base)):
+            subprocess.run(["umount", "-l", target], check=False)

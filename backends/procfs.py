@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 
+from bonneville.guest.proc import descendants
+
+__all__ = ["descendants", "is_alive", "kill_tree", "process_state", "start_time"]
+
 
 def start_time(pid: int) -> int | None:
     """Field 22 of /proc/PID/stat (clock ticks since boot), or None if no such process."""
@@ -35,28 +39,6 @@ def is_alive(pid: int, expected_start: int | None) -> bool:
     if state is None or state in ("Z", "X"):
         return False
     return expected_start is None or start_time(pid) == expected_start
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of PID (children first found by scanning /proc's PPid fields)."""
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        ppid = int(data[data.rindex(b")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(name))
-    found: list[int] = []
-    stack = [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
 
 
 def kill_tree(pid: int, sig: int) -> None:

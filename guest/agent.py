@@ -28,6 +28,7 @@ from typing import Any
 
 from bonneville.guest import protocol
 from bonneville.guest.paths import resolve_in_root
+from bonneville.guest.proc import descendants
 
 CONTAINER_ROOT = "/run/container/root"
 NINEP_OPTIONS = "trans=virtio,version=9p2000.L,msize=512000,cache=mmap,access=client"
@@ -243,28 +244,6 @@ def remount_readonly(path: str, extra: int = MS_RDONLY) -> None:
     """Make the mount at ``path`` read-only (or add ``extra`` flags), keeping its other flags."""
     kept = os.statvfs(path).f_flag & KEPT_ON_REMOUNT
     mount(None, path, None, MS_BIND | MS_REMOUNT | kept | extra)
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (from /proc's PPid fields); kernel threads hang off pid 2."""
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        ppid = int(data[data.rindex(b")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(name))
-    found: list[int] = []
-    stack = [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return sorted(found)
 
 
 # --- the two modes --------------------------------------------------------------------------

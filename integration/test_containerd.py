@@ -11,7 +11,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tarfile
 import tempfile
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import leftover_processes, make_busybox_rootfs
+from conftest import leftover_processes, make_busybox_rootfs, stop_daemon
 
 pytestmark = [
     pytest.mark.vm,
@@ -138,17 +137,8 @@ def ctr() -> Iterator[Ctr]:
             client("task", "kill", "-s", "KILL", cid.decode())
             client("task", "delete", "-f", cid.decode())
             client("containers", "delete", cid.decode())
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(daemon.pid, signal.SIGKILL)
-            daemon.wait()
+        stop_daemon(daemon, base)
         log.close()
-        for mount in reversed(Path("/proc/self/mounts").read_text().splitlines()):
-            target = mount.split()[1]
-            if target.startswith(str(base)):
-                subprocess.run(["umount", "-l", target], check=False)
         shutil.rmtree(base, ignore_errors=True)
     assert leftover_processes(str(base)) == []
 

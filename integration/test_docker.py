@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import leftover_processes, make_busybox_rootfs
+from conftest import leftover_processes, make_busybox_rootfs, stop_daemon
 
 pytestmark = [
     pytest.mark.vm,
@@ -106,12 +106,7 @@ def docker() -> Iterator[Docker]:
         ids = client("ps", "-aq").stdout.split()
         if ids:
             client("rm", "-f", *[i.decode() for i in ids])
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(daemon.pid, signal.SIGKILL)
-            daemon.wait()
+        stop_daemon(daemon, base)
         log.close()
         # containerd's shims outlive their daemon by design (live restore); these are the
         # private daemon's own, so they go with it. Our monitors and VMs must already be gone.
@@ -120,10 +115,6 @@ def docker() -> Iterator[Docker]:
             if "containerd-shim" in command:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid), signal.SIGKILL)
-        for mount in reversed(Path("/proc/self/mounts").read_text().splitlines()):
-            target = mount.split()[1]
-            if target.startswith(str(base)):
-                subprocess.run(["umount", "-l", target], check=False)
         shutil.rmtree(base, ignore_errors=True)
         subprocess.run(["ip", "link", "del", BRIDGE], check=False)
     assert leftover_processes(str(base)) == []

@@ -1,0 +1,28 @@
+"""Process facts from /proc shared by the agent (guest) and the host's backends.
+Standard library only: this module goes into the guest image."""
+
+from __future__ import annotations
+
+import os
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc's PPid fields); kernel threads hang off pid 2."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        ppid = int(data[data.rindex(b")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(name))
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return sorted(found)
