@@ -84,6 +84,8 @@ class VM(ABC):
 class Backend(ABC):
     name: ClassVar[str]
     capabilities: ClassVar[frozenset[Capability]]
+    # Whether VMConfig.kernel/initrd must name the guest image (the fake backend boots none).
+    boots_guest_image: ClassVar[bool] = True
 
     def require(self, capability: Capability) -> None:
         if capability not in self.capabilities:

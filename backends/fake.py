@@ -62,6 +62,7 @@ class FakeVM(VM):
 class FakeBackend(Backend):
     name = "fake"
     capabilities = frozenset({Capability.PAUSE})
+    boots_guest_image = False
 
     def launch(self, config: VMConfig) -> VM:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -216,7 +216,7 @@ class Monitor:
         if self.own_netns and Capability.NETWORK in self.backend.capabilities:
             self.interfaces, self.routes = network.discover()
             network.wire(self.interfaces)
-        if self.cfg.backend == "fake":
+        if not self.backend.boots_guest_image:
             kernel = initrd = ""
             kernel_args: tuple[str, ...] = ()
         else:
