@@ -38,7 +38,14 @@ class Context:
     backend: str | None = None  # --backend / BONNEVILLE_BACKEND; only create uses it
 
     def backend_for_create(self) -> str:
-        return self.backend or os.environ.get("BONNEVILLE_BACKEND") or DEFAULT_BACKEND
+        """--backend, else $BONNEVILLE_BACKEND, else the config file's, else qemu."""
+        if self.backend:
+            return self.backend
+        from bonneville.shim import settings
+
+        return str(
+            settings.get("runtime", "backend", env="BONNEVILLE_BACKEND", default=DEFAULT_BACKEND)
+        )
 
 
 # ---- status ----------------------------------------------------------------------------------
