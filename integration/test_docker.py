@@ -7,6 +7,7 @@ touches a system daemon; the image is a busybox rootfs imported from a local tar
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -59,6 +60,9 @@ class Docker:
 
 @pytest.fixture(scope="module")
 def docker() -> Iterator[Docker]:
+    # One private dockerd at a time on this host: they would share the bridge's name and subnet.
+    lock = open("/run/lock/bonneville-test-dockerd.lock", "w")  # noqa: SIM115
+    fcntl.flock(lock, fcntl.LOCK_EX)
     # Short paths: containerd and the shims put unix sockets under the exec root.
     base = Path(tempfile.mkdtemp(prefix="bvd-", dir="/tmp"))
     sock = base / "docker.sock"
@@ -117,6 +121,7 @@ def docker() -> Iterator[Docker]:
                     os.kill(int(pid), signal.SIGKILL)
         shutil.rmtree(base, ignore_errors=True)
         subprocess.run(["ip", "link", "del", BRIDGE], check=False)
+        lock.close()
     assert leftover_processes(str(base)) == []
 
 
