@@ -2,7 +2,7 @@
 # The whole test suite: lint, format, types (library code), unit tests, then real-VM tests.
 set -eu
 cd "$(dirname "$0")"
-VENV=/opt/bonneville/venv
+VENV=${BONNEVILLE_VENV:-/opt/bonneville/venv}
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .
 # mypy cannot see the folder → bonneville.* mapping of pyproject.toml: give it a tree of links.
