@@ -31,6 +31,9 @@ from bonneville.guest.paths import resolve_in_root
 from bonneville.guest.proc import descendants
 
 CONTAINER_ROOT = "/run/container/root"
+# The guest's cgroup v2 hierarchy and the container's cgroup in it (limits, update, stats).
+CGROUP_ROOT = "/sys/fs/cgroup"
+CGROUP_CONTROLLERS = ("cpu", "memory", "pids")
 NINEP_OPTIONS = "trans=virtio,version=9p2000.L,msize=512000,cache=mmap,access=client"
 
 CHUNK = 64 * 1024  # one read from a child's pipe or pty
@@ -109,6 +112,7 @@ IGNORED_OPTIONS = frozenset({"tmpcopyup"})  # runc extensions that are not kerne
 CLONE_NEWNS = 0x20000
 CLONE_NEWUTS = 0x4000000
 CLONE_NEWIPC = 0x8000000
+CLONE_NEWCGROUP = 0x2000000
 
 PR_SET_KEEPCAPS = 8
 PR_CAPBSET_DROP = 24
@@ -262,6 +266,9 @@ class Mode:
         self.guest_wide = pid1
         # A virtio port outlives host disconnects (snapshot/restore); a socket's EOF is final.
         self.reconnects = channel_fd is None
+        # The container's cgroup inside the VM; a host's cgroups are never ours to change (PID 1
+        # of a pid namespace on a host, as in tests, is not in a VM: it was given a root).
+        self.cgroup: str | None = f"{CGROUP_ROOT}/container" if pid1 and root is None else None
 
     def start(self) -> None:
         """Host mode: private mount/UTS/IPC namespaces so nothing we mount or set leaks, and
@@ -280,6 +287,33 @@ class Mode:
         else:
             # A bind onto itself, so the root can be remounted read-only like the 9p mount.
             mount(self.root, self.root, None, MS_BIND | MS_REC)
+
+    def prepare_cgroup(self) -> None:
+        """The container's cgroup, with the controllers its limits need."""
+        if self.cgroup is None or os.path.isdir(self.cgroup):
+            return
+        if not os.path.exists(f"{CGROUP_ROOT}/cgroup.controllers"):
+            mount("cgroup2", CGROUP_ROOT, "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        write_file(
+            f"{CGROUP_ROOT}/cgroup.subtree_control",
+            " ".join(f"+{name}" for name in CGROUP_CONTROLLERS),
+        )
+        os.mkdir(self.cgroup, 0o755)
+
+    def set_limits(self, files: dict[str, Any]) -> None:
+        """Write the container's cgroup limits (names checked against the protocol's list)."""
+        if self.cgroup is None:
+            raise Refused("resource limits are enforced only inside a VM (host mode)")
+        for name, value in files.items():
+            if name not in protocol.CGROUP_LIMIT_FILES:
+                raise Refused(f"not a cgroup limit the agent writes: {name!r}")
+            path = f"{self.cgroup}/{name}"
+            if name == "memory.swap.max" and not os.path.exists(path):
+                continue  # no swap accounting in this kernel: the VM has no swap to limit
+            try:
+                write_file(path, str(value))
+            except OSError as exc:
+                raise Refused(f"set {name} to {value}: {errtext(exc)}") from exc
 
     def container_pids(self) -> list[int]:
         """The container's processes: everything below the agent (PID 1 or the subreaper)."""
@@ -611,7 +645,12 @@ def home_of(uid: int) -> str:
 
 
 def child_exec(
-    spec: ExecSpec, root: str, stdio: tuple[int, int, int], slave: int | None, keep: int
+    spec: ExecSpec,
+    root: str,
+    stdio: tuple[int, int, int],
+    slave: int | None,
+    keep: int,
+    cgroup: str | None = None,
 ) -> None:
     """In the forked child: become the container process, in runc's order, or raise.
     ``keep`` is the error pipe; every other descriptor beyond stdio is closed."""
@@ -633,6 +672,10 @@ def child_exec(
     os.closerange(keep + 1, MAX_FD)
     if spec.oom_score_adj is not None:
         write_file("/proc/self/oom_score_adj", str(spec.oom_score_adj))
+    if cgroup is not None:
+        # Into the container's cgroup, which becomes the root of its own cgroup namespace.
+        write_file(f"{cgroup}/cgroup.procs", "0")
+        unshare(CLONE_NEWCGROUP)
     os.chroot(root)
     os.chdir("/")
     chdir_later = False
@@ -706,7 +749,7 @@ def parse_mount_options(options: list[str]) -> tuple[int, int, str]:
     return flags, propagation, ",".join(data)
 
 
-def mount_one(root: str, entry: dict[str, Any], log: Log) -> None:
+def mount_one(root: str, entry: dict[str, Any], log: Log, cgroup: str | None = None) -> None:
     """Make one entry of ``mounts`` inside the root; bind mounts are the host's, only their
     flags are applied here."""
     dest = str(entry["destination"])
@@ -724,10 +767,15 @@ def mount_one(root: str, entry: dict[str, Any], log: Log) -> None:
         return
     source = str(entry.get("source") or mtype)
     if mtype in ("cgroup", "cgroup2"):
-        # The VM has its own cgroups; v1 hierarchies are the host's business. Best effort.
+        # The VM's own cgroup v2 hierarchy, seen from the container's cgroup as its root (as
+        # with a private cgroup namespace under runc on a v2 host). Best effort.
         try:
             os.makedirs(target, 0o755, exist_ok=True)
-            mount("cgroup2", target, "cgroup2", flags & ~MS_BIND, "")
+            if cgroup is None:
+                mount("cgroup2", target, "cgroup2", flags & ~MS_BIND, "")
+            else:
+                mount(cgroup, target, None, MS_BIND)
+                remount_readonly(target, flags & (MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC))
         except OSError as exc:
             log("warning", f"mount cgroup2 on {dest} skipped: {errtext(exc)}")
         return
@@ -820,12 +868,22 @@ def build_container(mode: Mode, container: dict[str, Any], log: Log) -> None:
         time.clock_settime(time.CLOCK_REALTIME, float(container["time"]))
     if container.get("entropy"):
         add_entropy(base64.b64decode(container["entropy"]), credit=mode.guest_wide)
+    step = "create the container's cgroup"
+    try:
+        mode.prepare_cgroup()
+    except OSError as exc:
+        raise Refused(f"{step}: {errtext(exc)}") from exc
+    if container.get("resources"):
+        if mode.cgroup is None:
+            log("info", "host mode: resource limits not applied")
+        else:
+            mode.set_limits(container["resources"])
     step = f"mount {protocol.ROOT_TAG} on {root}"
     try:
         mode.prepare_root()
         for entry in container.get("mounts") or []:
             step = f"mount {entry.get('type') or 'bind'} on {entry.get('destination')}"
-            mount_one(root, entry, log)
+            mount_one(root, entry, log, mode.cgroup)
         dev_is_tmpfs = any(
             os.path.normpath(str(m.get("destination"))) == "/dev" and m.get("type") == "tmpfs"
             for m in container.get("mounts") or []
@@ -936,6 +994,8 @@ class Agent:
             "signal": self.op_signal,
             "resize": self.op_resize,
             "ps": self.op_ps,
+            "update": self.op_update,
+            "stats": self.op_stats,
             "shutdown": self.op_shutdown,
         }
 
@@ -1153,7 +1213,7 @@ class Agent:
             if pid == 0:  # pragma: no cover - the child execs or exits
                 status = 127
                 try:
-                    child_exec(spec, self.mode.root, stdio, slave, err_w)
+                    child_exec(spec, self.mode.root, stdio, slave, err_w, self.mode.cgroup)
                 except ExecError as exc:
                     os.write(err_w, str(exc).encode(errors="replace"))
                 except OSError as exc:
@@ -1221,6 +1281,27 @@ class Agent:
     def op_ps(self, message: dict[str, Any]) -> dict[str, Any]:
         """Guest pids of the container's processes."""
         return {"pids": self.mode.container_pids()}
+
+    def op_update(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Change the container's cgroup limits (already converted and checked by the host)."""
+        files = message.get("resources")
+        if not isinstance(files, dict):
+            raise Refused("update: resources must be an object")
+        self.mode.set_limits(files)
+        return {}
+
+    def op_stats(self, message: dict[str, Any]) -> dict[str, Any]:
+        """The text of the container cgroup's statistics files (the host parses them)."""
+        if self.mode.cgroup is None:
+            raise Refused("statistics come from the VM's cgroups (host mode has none)")
+        files = {}
+        for name in protocol.CGROUP_STATS_FILES:
+            try:
+                with open(f"{self.mode.cgroup}/{name}") as f:
+                    files[name] = f.read().strip()
+            except OSError:
+                continue  # e.g. memory.peak, newer than some kernels
+        return {"stats": files}
 
     def op_shutdown(self, message: dict[str, Any]) -> dict[str, Any]:
         """Power off after the reply went out."""

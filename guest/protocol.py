@@ -66,6 +66,29 @@ CAPABILITIES = (
     "CAP_CHECKPOINT_RESTORE",
 )
 
+# The container's cgroup files inside the VM: the only ones the agent writes (`setup`'s and
+# `update`'s "resources"), and the ones `stats` reads. See spec/resources.py.
+CGROUP_LIMIT_FILES = (
+    "memory.max",
+    "memory.low",
+    "memory.swap.max",
+    "cpu.max",
+    "cpu.weight",
+    "pids.max",
+)
+CGROUP_STATS_FILES = (
+    "cpu.stat",
+    "memory.current",
+    "memory.max",
+    "memory.peak",
+    "memory.stat",
+    "memory.events",
+    "memory.swap.current",
+    "memory.swap.max",
+    "pids.current",
+    "pids.max",
+)
+
 HEADER = struct.Struct(">BxHI")
 MAX_PAYLOAD = 1 << 20  # 1 MiB: larger frames are a protocol error, never an allocation.
 

@@ -225,6 +225,15 @@ def test_exec_variants_and_top(docker: Docker) -> None:
         assert who == "65534\n/tmp\n42\n"
         top = docker.ok("top", cid)
         assert "PID" in top.splitlines()[0] and len(top.splitlines()) >= 2
+        # docker update → containerd → `bonneville update --resources -` → the guest's cgroup.
+        docker.ok("update", "--pids-limit", "9", "--memory", "100m", "--memory-swap", "-1", cid)
+        limits = docker.ok(
+            "exec", cid, "cat", "/sys/fs/cgroup/pids.max", "/sys/fs/cgroup/memory.max"
+        )
+        assert limits.split() == ["9", str(100 * 1024 * 1024)]
+        refused = docker("update", "--cpuset-cpus", "0", cid)
+        assert refused.returncode != 0
+        assert b"cannot update cpu.cpus: a VM cannot honour it" in refused.stderr, refused.stderr
     finally:
         docker("rm", "-f", cid)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 
 from conftest import Runtime, default_config, write_bundle
 from tests.test_lifecycle import *  # noqa: F403 - the same cases, another backend
-from tests.test_lifecycle import make_bundle
+from tests.test_lifecycle import make_bundle, wait_status
 
 pytestmark = pytest.mark.vm
 
@@ -70,3 +71,40 @@ def test_host_network_namespace_is_refused(
     assert not (runtime.root / "h1").exists()
     after = subprocess.run(["tc", "qdisc", "show"], capture_output=True, check=True).stdout
     assert after == before
+
+
+def test_limits_update_and_events_inside_the_vm(runtime: Runtime, tmp_path: Path) -> None:
+    """Limits from config.json apply in the guest's cgroup, `update` changes them live, and
+    `events --stats` reports them in runc's format."""
+    linux = default_config(["true"])["linux"]
+    assert isinstance(linux, dict)
+    bundle = make_bundle(
+        tmp_path,
+        ["sleep", "1000"],
+        linux={**linux, "resources": {"pids": {"limit": 20}, "cpu": {"quota": 50000}}},
+    )
+    runtime("create", "-b", str(bundle), "u1", check=True)
+    runtime("start", "u1", check=True)
+
+    def cgroup(name: str) -> str:
+        result = runtime("exec", "u1", "cat", f"/sys/fs/cgroup/{name}", check=True)
+        return result.stdout.decode().strip()
+
+    assert (cgroup("pids.max"), cgroup("cpu.max")) == ("20", "50000 100000")
+    resources = json.dumps({"memory": {"limit": 100 * 1024 * 1024}, "pids": {"limit": 6}})
+    runtime("update", "--resources", "-", "u1", input=resources.encode(), check=True)
+    runtime("update", "--cpu-quota", "-1", "u1", check=True)
+    assert cgroup("memory.max") == str(100 * 1024 * 1024)
+    assert (cgroup("pids.max"), cgroup("cpu.max")) == ("6", "max 100000")
+    # The limit holds: the sixth process cannot be forked.
+    forks = runtime("exec", "u1", "sh", "-c", "for i in 1 2 3 4 5 6; do sleep 60 & done; wait")
+    assert forks.returncode != 0 and b"can't fork" in forks.stderr, forks.stderr
+    event = json.loads(runtime("events", "--stats", "u1", check=True).stdout)
+    assert event["type"] == "stats" and event["id"] == "u1"
+    assert event["data"]["pids"]["limit"] == 6
+    assert event["data"]["memory"]["usage"]["limit"] == 100 * 1024 * 1024
+    assert event["data"]["memory"]["usage"]["usage"] > 0
+    assert event["data"]["cpu"]["usage"]["total"] > 0
+    runtime("kill", "u1", "KILL", check=True)
+    wait_status(runtime, "u1", "stopped")
+    runtime("delete", "u1", check=True)

@@ -53,6 +53,7 @@ def _register() -> None:
     from bonneville.shim.commands import (
         create,
         delete,
+        events,
         exec,
         features,
         image,
@@ -63,13 +64,14 @@ def _register() -> None:
         spec,
         start,
         state,
+        update,
     )
     from bonneville.shim.commands import (
         list as list_cmd,
     )
 
-    modules = (create, delete, exec, features, image, kill, list_cmd, pause, ps, run, spec, start)
-    for module in (*modules, state):
+    modules = (create, delete, events, exec, features, image, kill, list_cmd, pause, ps, run, spec)
+    for module in (*modules, start, state, update):
         for command in module.COMMANDS:
             cli.add_command(command)
 

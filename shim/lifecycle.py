@@ -588,3 +588,34 @@ def ps(ctx: Context, container_id: str) -> list[int]:
         if status is Status.STOPPED:
             return []
         return [st.pid, *procfs.descendants(st.pid)]
+
+
+# ---- update / stats -------------------------------------------------------------------------
+
+
+def update(ctx: Context, container_id: str, resources: dict[str, Any]) -> None:
+    """Change a running (or created, or paused) container's limits inside its VM."""
+    with ctx.store.lock(container_id):
+        st = ctx.store.load(container_id)
+        status = refresh(ctx, st)
+        if status is Status.STOPPED:
+            raise InvalidState(f"container not running: {status.value}", status.value)
+        if status is Status.PAUSED:
+            # The agent that writes the limits is frozen with the rest of the VM.
+            raise InvalidState("container is paused: resume it to update its limits", "paused")
+        _monitor_call(ctx, st, {"op": "update", "resources": resources})
+
+
+def stats(ctx: Context, container_id: str) -> dict[str, Any]:
+    """The container's resource usage, read from its cgroup inside the VM (runc's Stats)."""
+    with ctx.store.lock(container_id, exclusive=False):
+        st = ctx.store.load(container_id)
+        status = refresh(ctx, st)
+        if status is Status.STOPPED:
+            raise InvalidState(f"container not running: {status.value}", status.value)
+        if status is Status.PAUSED:
+            # A paused VM cannot answer; runc reads the frozen cgroup, we have nothing to read.
+            raise InvalidState("container is paused: its VM cannot report statistics", "paused")
+        reply = _monitor_call(ctx, st, {"op": "stats"})
+    raw = reply.get("stats")
+    return raw if isinstance(raw, dict) else {}

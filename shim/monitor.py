@@ -102,6 +102,7 @@ class Monitor:
         self.interfaces: list[network.Interface] = []
         self.routes: list[dict[str, Any]] = []
         self.sig_r, self.sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.memory_mib = 0  # the VM's RAM, fixed at launch
 
     # ---- process set-up -------------------------------------------------------------------
 
@@ -185,6 +186,7 @@ class Monitor:
 
     def _container_setup(self) -> dict[str, Any]:
         linux = self.spec.linux
+        resources_raw = ((self.cfg.bundle.raw.get("linux") or {}).get("resources")) or {}
         mounts = [
             {
                 "destination": m.destination,
@@ -205,7 +207,19 @@ class Monitor:
             "time": time.time(),
             "entropy": base64.b64encode(os.urandom(64)).decode(),
             "network": network.guest_config(self.interfaces, self.routes),
+            "resources": self._cgroup_files(resources_raw, strict=False),
         }
+
+    def _cgroup_files(self, resources: dict[str, Any], strict: bool) -> dict[str, str]:
+        """The container's limits as guest cgroup files (see spec/resources.py)."""
+        from bonneville.spec.resources import to_cgroup
+
+        return to_cgroup(
+            resources,
+            vm_memory_mib=self.memory_mib,
+            strict=strict,
+            warn=lambda text: log.warning("resources %s", text),
+        )
 
     def _launch(self, share: str) -> None:
         from bonneville.guest.image import ensure_image
@@ -222,9 +236,10 @@ class Monitor:
         else:
             image = ensure_image()
             kernel, initrd, kernel_args = image.kernel, image.initrd, image.kernel_args
+        self.memory_mib = resources.memory_mib() if resources else 256
         vm_config = VMConfig(
             container_id=self.cfg.container_id,
-            memory_mib=resources.memory_mib() if resources else 256,
+            memory_mib=self.memory_mib,
             vcpus=resources.vcpus(host_cpus) if resources else 1,
             share_dir=share,
             run_dir=self.cfg.state_dir,
@@ -502,6 +517,14 @@ class Monitor:
             reply({"ok": True})
         elif op == "ps":
             self.agent.request("ps", lambda r: reply(r))
+        elif op == "update":
+            resources = request.get("resources")
+            if not isinstance(resources, dict):
+                raise BonnevilleError("update: resources must be a JSON object")
+            files = self._cgroup_files(resources, strict=True)
+            self.agent.request("update", lambda r: reply(r), resources=files)
+        elif op == "stats":
+            self.agent.request("stats", lambda r: reply(r))
         else:
             reply({"ok": False, "error": f"unknown request {op!r}"})
 

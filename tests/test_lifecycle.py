@@ -142,7 +142,10 @@ def test_delete_force_of_unknown_id_succeeds(runtime: Runtime) -> None:
     assert runtime("delete", "--force", "nothing-here").returncode == 0
 
 
-@pytest.mark.parametrize("command", [["state"], ["kill"], ["delete"], ["start"]])
+@pytest.mark.parametrize(
+    "command",
+    [["state"], ["kill"], ["delete"], ["start"], ["update", "--pids-limit", "5"], ["events"]],
+)
 def test_unknown_id(runtime: Runtime, command: list[str]) -> None:
     result = runtime(*command, "ghost")
     assert result.returncode == 1
@@ -454,3 +457,27 @@ def test_pause_resume_and_ps(runtime: Runtime, tmp_path: Path) -> None:
     runtime("resume", "c1", check=True)
     assert runtime.state("c1")["status"] == "running"
     runtime("delete", "--force", "c1", check=True)
+
+
+def test_update_refuses_what_a_vm_cannot_honour(runtime: Runtime, tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path, ["sleep", "1000"])
+    runtime("create", "-b", str(bundle), "c1", check=True)
+    runtime("start", "c1", check=True)
+    cases = [
+        (["--cpuset-cpus", "0"], b"cannot update cpu.cpus: a VM cannot honour it"),
+        (["--blkio-weight", "300"], b"cannot update blockIO: a VM cannot honour it"),
+        (["--memory", "64g"], b"the VM has 256 MiB, fixed when it started"),
+        (["--memory", "lots"], b"invalid size: 'lots'"),
+        (["--resources", "-"], b"--resources -: not valid JSON"),
+    ]
+    for args, message in cases:
+        result = runtime("update", *args, "c1", input=b"{nope")
+        assert result.returncode == 1, args
+        assert message in result.stderr, result.stderr
+        assert result.stderr.count(b"\n") == 1
+    assert runtime.state("c1")["status"] == "running"
+    runtime("kill", "c1", "KILL", check=True)
+    wait_status(runtime, "c1", "stopped")
+    result = runtime("update", "--pids-limit", "5", "c1")
+    assert result.returncode == 1 and b"container not running" in result.stderr
+    runtime("delete", "c1", check=True)
