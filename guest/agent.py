@@ -17,6 +17,7 @@ import os
 import resource
 import select
 import signal
+import socket
 import stat
 import struct
 import sys
@@ -27,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bonneville.guest import protocol
+from bonneville.guest.netlink import Netlink
 from bonneville.guest.paths import resolve_in_root
 from bonneville.guest.proc import descendants
 
@@ -270,10 +272,19 @@ class Mode:
         # of a pid namespace on a host, as in tests, is not in a VM: it was given a root).
         self.cgroup: str | None = f"{CGROUP_ROOT}/container" if pid1 and root is None else None
 
-    def start(self) -> None:
-        """Host mode: private mount/UTS/IPC namespaces so nothing we mount or set leaks, and
-        subreaping so the container's orphans come to us as they would to PID 1."""
+    def start(self, log: Log) -> None:
+        """In a VM: what every container needs, done before the agent reports ready (so a
+        template has it done for all its clones). Host mode: private mount/UTS/IPC namespaces
+        so nothing we mount or set leaks, and subreaping so the container's orphans come to us
+        as they would to PID 1."""
         if self.pid1:
+            if self.cgroup is not None:
+                try:
+                    self.prepare_cgroup()
+                    with Netlink() as nl:
+                        nl.set_link(socket.if_nametoindex("lo"))
+                except OSError as exc:
+                    log("warning", f"early setup: {errtext(exc)} (retried at setup)")
             return
         unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC)
         mount(None, "/", None, MS_REC | MS_PRIVATE)
@@ -917,51 +928,52 @@ def build_container(mode: Mode, container: dict[str, Any], log: Log) -> None:
         raise Refused(f"{step}: {errtext(exc)}") from exc
 
 
-def busybox(*args: str) -> None:
-    """Run a busybox applet of the guest's own root (not the container's) and wait for it."""
-    pid = os.fork()
-    if pid == 0:
+def _guest_nics() -> dict[str, str]:
+    """The guest's Ethernet NICs: MAC → name."""
+    nics = {}
+    for name in sorted(os.listdir("/sys/class/net")):
         try:
-            devnull = os.open("/dev/null", os.O_RDWR)
-            os.dup2(devnull, 0)
-            os.execv("/bin/busybox", list(args))
-        finally:
-            os._exit(127)
-    _, status = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise Refused(f"{' '.join(args)} failed with status {os.waitstatus_to_exitcode(status)}")
+            with open(f"/sys/class/net/{name}/type") as f:
+                if f.read().strip() != "1":  # ARPHRD_ETHER; lo is 772
+                    continue
+            with open(f"/sys/class/net/{name}/address") as f:
+                nics[f.read().strip().lower()] = name
+        except OSError:
+            continue
+    return nics
 
 
 def configure_network(network: dict[str, Any]) -> None:
-    """Give the guest the addresses and routes the container's interfaces had on the host;
-    NICs are matched by MAC (the host gave each virtio NIC its veth's MAC)."""
-    busybox("ip", "link", "set", "lo", "up")
-    by_mac = {}
-    for name in os.listdir("/sys/class/net"):
-        try:
-            with open(f"/sys/class/net/{name}/address") as f:
-                by_mac[f.read().strip().lower()] = name
-        except OSError:
-            continue
+    """Give the guest the addresses and routes the container's interfaces had on the host.
+
+    The host gave each virtio NIC its veth's MAC, in the order of ``interfaces``. A clone's NICs
+    still carry its template's MACs: those are matched by order and given the container's MAC.
+    """
+    nics = _guest_nics()
+    wanted = [str(iface.get("mac", "")).lower() for iface in network.get("interfaces") or []]
+    spare = [name for mac, name in nics.items() if mac not in wanted]
     names: dict[str, str] = {}
-    for iface in network.get("interfaces") or []:
-        mac = str(iface.get("mac", "")).lower()
-        if mac not in by_mac:
-            raise Refused(f"no network interface with MAC {mac} in the guest")
-        name = names[mac] = by_mac[mac]
-        if iface.get("mtu"):
-            busybox("ip", "link", "set", name, "mtu", str(int(iface["mtu"])))
-        busybox("ip", "link", "set", name, "up")
-        for address in iface.get("addresses") or []:
-            busybox("ip", "addr", "add", str(address), "dev", name)
-    for route in network.get("routes") or []:
-        args = ["ip", "route", "add", str(route.get("dst") or "default")]
-        if route.get("gateway"):
-            args += ["via", str(route["gateway"])]
-        dev = names.get(str(route.get("mac", "")).lower())
-        if dev:
-            args += ["dev", dev]
-        busybox(*args)
+    with Netlink() as nl:
+        nl.set_link(socket.if_nametoindex("lo"))
+        for iface, mac in zip(network.get("interfaces") or [], wanted, strict=True):
+            if mac in nics:
+                name, new_mac = nics[mac], None
+            elif spare:
+                name, new_mac = spare.pop(0), mac
+            else:
+                raise Refused(f"no network interface for MAC {mac} in the guest")
+            names[mac] = name
+            index = socket.if_nametoindex(name)
+            nl.set_link(index, mtu=int(iface.get("mtu") or 0) or None, mac=new_mac)
+            for address in iface.get("addresses") or []:
+                nl.add_address(index, str(address))
+        for route in network.get("routes") or []:
+            dev = names.get(str(route.get("mac", "")).lower())
+            nl.add_route(
+                str(route.get("dst") or "default"),
+                route.get("gateway"),
+                socket.if_nametoindex(dev) if dev else None,
+            )
 
 
 # --- the agent ------------------------------------------------------------------------------
@@ -1033,7 +1045,7 @@ class Agent:
             # The kernel drops signals PID 1 has no handler for; Python's SIGINT handler would
             # let a container's `kill -INT 1` (or ctrl-alt-del) raise KeyboardInterrupt here.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-        self.mode.start()
+        self.mode.start(self.log)
         self.channel.open(self.log)
         self.log("info", f"ready (pid {os.getpid()}, root {self.mode.root})")
         while not self.exiting:

@@ -64,6 +64,7 @@ def _register() -> None:
         spec,
         start,
         state,
+        template,
         update,
     )
     from bonneville.shim.commands import (
@@ -71,7 +72,7 @@ def _register() -> None:
     )
 
     modules = (create, delete, events, exec, features, image, kill, list_cmd, pause, ps, run, spec)
-    for module in (*modules, start, state, update):
+    for module in (*modules, start, state, template, update):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -103,6 +103,7 @@ class Monitor:
         self.routes: list[dict[str, Any]] = []
         self.sig_r, self.sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.memory_mib = 0  # the VM's RAM, fixed at launch
+        self.t0 = time.monotonic()
 
     # ---- process set-up -------------------------------------------------------------------
 
@@ -130,6 +131,10 @@ class Monitor:
         root.addHandler(handler)
         root.setLevel(logging.DEBUG)
         root.propagate = False
+
+    def _mark(self, phase: str) -> None:
+        """A timing line in the monitor's log: where a create spends its time."""
+        log.debug("%.3f s %s", time.monotonic() - self.t0, phase)
 
     def _install_signals(self) -> None:
         signal.set_wakeup_fd(self.sig_w, warn_on_full_buffer=False)
@@ -251,10 +256,14 @@ class Monitor:
             kernel_args=kernel_args,
             nics=tuple((i.tap, i.mac) for i in self.interfaces),
         )
+        self._mark("launching the VM")
         self.vm = self.backend.launch(vm_config)
+        self._mark("VM launched")
         self.agent = AgentConnection(self.vm.channel)
         self.agent.call("hello", AGENT_BOOT_TIMEOUT, version=protocol.VERSION)
+        self._mark("agent answered")
         self.agent.call("setup", AGENT_CALL_TIMEOUT, container=self._container_setup())
+        self._mark("container set up")
 
     def _open_console(self) -> None:
         if not self.terminal:
@@ -272,6 +281,7 @@ class Monitor:
 
     def setup(self) -> None:
         assert self.sync is not None
+        self._mark("monitor started")
         self._enter_namespaces()
         # Phase 1: our namespaces exist; the CLI runs prestart/createRuntime hooks now
         # (dockerd's libnetwork-setkey joins /proc/<our pid>/ns/net).
@@ -279,6 +289,7 @@ class Monitor:
         go = unixsock.read_line(self.sync)
         if not go or not json.loads(go).get("continue"):
             raise SetupFailed("create was abandoned")
+        self._mark("hooks done")
         share = self._prepare_share()
         self._launch(share)
         self._open_console()

@@ -54,7 +54,7 @@ def _is_set(value: Any) -> bool:
     return value not in (None, 0, False)
 
 
-def _unsupported(resources: dict[str, Any]) -> list[str]:
+def _unsupported(resources: dict[str, Any], strict: bool) -> list[str]:
     """Names of the fields that ask for something a VM cannot give."""
     names = []
     cpu = resources.get("cpu") or {}
@@ -65,9 +65,13 @@ def _unsupported(resources: dict[str, Any]) -> list[str]:
     for key in ("kernel", "kernelTCP", "swappiness", "disableOOMKiller", "useHierarchy"):
         if _is_set(memory.get(key)):
             names.append(f"memory.{key}")
-    for key in ("blockIO", "hugepageLimits", "rdma", "network", "unified", "devices"):
+    for key in ("blockIO", "hugepageLimits", "rdma", "network", "unified"):
         if _is_set(resources.get(key)):
             names.append(key)
+    if strict and _is_set(resources.get("devices")):
+        # Every config carries device rules; in a VM the container sees only the guest's devices,
+        # so create has nothing to warn about. Changing them later is not something we can do.
+        names.append("devices")
     return names
 
 
@@ -86,7 +90,7 @@ def to_cgroup(
     """
     if not isinstance(resources, dict):
         raise UnsupportedResource("resources must be a JSON object")
-    unsupported = _unsupported(resources)
+    unsupported = _unsupported(resources, strict)
     if unsupported:
         text = ", ".join(unsupported)
         if strict:

@@ -55,6 +55,16 @@ CASES: dict[str, tuple[VMConfig, QemuOptions, Boot | None]] = {
     "microvm": (BASE, QemuOptions(machine="microvm,pit=off"), None),
     "template": (BASE, TCG, Boot(BootMode.TEMPLATE, "/var/lib/bonneville/tpl/mem")),
     "clone": (BASE, TCG, Boot(BootMode.CLONE, "/var/lib/bonneville/tpl/mem")),
+    "template_nic": (
+        replace(BASE, nics=(("", "52:54:00:00:00:01"),)),
+        TCG,
+        Boot(BootMode.TEMPLATE, "/var/lib/bonneville/tpl/mem"),
+    ),
+    "clone_nic": (
+        replace(BASE, nics=(("bvtap0", "02:42:ac:11:00:02"),)),
+        TCG,
+        Boot(BootMode.CLONE, "/var/lib/bonneville/tpl/mem"),
+    ),
 }
 
 

@@ -8,7 +8,10 @@ monitor (PR_SET_PDEATHSIG), so a SIGKILLed monitor never leaves a VM running.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import json
+import logging
 import os
 import re
 import select
@@ -22,17 +25,28 @@ from typing import Any
 
 from bonneville.backends import procfs
 from bonneville.backends.base import VM, Backend, Capability, VMConfig
-from bonneville.backends.qemu.cmdline import Boot, QemuOptions, build_argv
+from bonneville.backends.qemu import template as templates
+from bonneville.backends.qemu.cmdline import Boot, BootMode, QemuOptions, build_argv
 from bonneville.backends.qemu.qmp import QMPClient
+from bonneville.guest import protocol
 from bonneville.spec.errors import BackendError
 
+log = logging.getLogger("bonneville.qemu")
+
 ACCEL_ENV = "BONNEVILLE_ACCEL"
+CLONE_ENV = "BONNEVILLE_CLONE"
 # QEMU needs nothing from the caller's environment; LC_ALL=C keeps its messages unlocalised.
 QEMU_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 # QEMU answers QMP in ~0.03 s (measured); the margin covers several VMs starting on 2 cores.
 START_TIMEOUT = 10.0
 # After SIGKILL a process is gone within milliseconds unless the kernel is stuck on I/O.
 KILL_WAIT = 5.0
+# A template boots cold once (seconds under TCG; much more on a loaded host).
+TEMPLATE_BOOT_TIMEOUT = 120.0
+# Saving and restoring move only device state (RAM stays in the file): well under a second.
+MIGRATION_TIMEOUT = 30.0
+# The NICs of a template carry these MACs; each clone's agent sets the container's own.
+TEMPLATE_MAC = "52:54:00:00:00:{:02x}"
 
 _PR_SET_PDEATHSIG = 1
 _QEMU_ERROR = re.compile(r"^qemu[\w.-]*: ")
@@ -120,6 +134,57 @@ def _error_line(path: str, offset: int) -> str:
     return (errors or lines or [""])[-1]
 
 
+def clone_enabled() -> bool:
+    """Whether VMs start as clones of templates ($BONNEVILLE_CLONE, else [qemu] clone, else on)."""
+    from bonneville.shim import settings
+
+    return settings.get_bool("qemu", "clone", env=CLONE_ENV, default=True)
+
+
+def _set_ignore_shared(qmp: QMPClient) -> None:
+    """RAM in the shared memory file is not part of the migration stream: the file is the RAM.
+    (And MIGRATION events report progress, so nobody polls.)"""
+    qmp.execute(
+        "migrate-set-capabilities",
+        capabilities=[
+            {"capability": "x-ignore-shared", "state": True},
+            {"capability": "events", "state": True},
+        ],
+    )
+
+
+def _wait_migration(qmp: QMPClient, deadline: float) -> None:
+    """Until the outgoing migration has completed."""
+    while True:
+        event = qmp.wait_event("MIGRATION", timeout=max(0.0, deadline - time.monotonic()))
+        status = (event.get("data") or {}).get("status")
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            info = qmp.execute("query-migrate") or {}
+            raise BackendError(f"migration {status}: {info.get('error-desc', status)}")
+
+
+def _wait_agent_ready(channel: socket.socket, deadline: float) -> None:
+    """Until the agent's first message ("ready"): it runs and its port is open."""
+    decoder = protocol.Decoder()
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise BackendError("the template VM's agent did not become ready")
+        readable, _, _ = select.select([channel], [], [], remaining)
+        if not readable:
+            continue
+        data = channel.recv(65536)
+        if not data:
+            raise BackendError("the template VM ended before its agent was ready")
+        for ftype, _stream, payload in decoder.feed(data):
+            if ftype == protocol.CONTROL:
+                message = json.loads(payload)
+                if message.get("op") == "log" and str(message.get("msg", "")).startswith("ready"):
+                    return
+
+
 class QemuVM(VM):
     def __init__(
         self,
@@ -127,7 +192,11 @@ class QemuVM(VM):
         pidfd: int,
         channel: socket.socket,
         qmp: QMPClient,
+        log_path: str = "",
+        log_offset: int = 0,
     ) -> None:
+        self.log_path = log_path
+        self.log_offset = log_offset  # where QEMU's own messages start in its log
         self._proc = proc
         self._pidfd = pidfd
         self._channel = channel
@@ -193,16 +262,27 @@ class QemuVM(VM):
         os.close(self._pidfd)
 
 
+class TemplateUnusable(BackendError):
+    """A clone could not be restored from its template (so the template is discarded)."""
+
+
 class QemuBackend(Backend):
     name = "qemu"
-    capabilities = frozenset({Capability.PAUSE, Capability.CONSOLE, Capability.NETWORK})
+    capabilities = frozenset(
+        {Capability.CLONE, Capability.PAUSE, Capability.CONSOLE, Capability.NETWORK}
+    )
 
     def __init__(
-        self, options: QemuOptions | None = None, start_timeout: float = START_TIMEOUT
+        self,
+        options: QemuOptions | None = None,
+        start_timeout: float = START_TIMEOUT,
+        clone: bool | None = None,
     ) -> None:
         # options.accel is only used when given explicitly; otherwise it is detected per launch.
         self._options = options
         self._start_timeout = start_timeout
+        # None: from the settings ($BONNEVILLE_CLONE, [qemu] clone), read at each launch.
+        self._clone = clone
 
     def options(self) -> QemuOptions:
         """The options the next launch will use (accelerator detected now unless given)."""
@@ -211,7 +291,119 @@ class QemuBackend(Backend):
         return QemuOptions(accel=detect_accel())
 
     def launch(self, config: VMConfig) -> VM:
-        return self._spawn(config, self.options(), Boot())
+        """A clone of the template for this VM's shape (built now if missing), or a cold boot
+        when cloning is off or impossible (the log says why)."""
+        options = self.options()
+        if not (clone_enabled() if self._clone is None else self._clone):
+            log.info("cold boot: cloning is disabled")
+            return self._spawn(config, options, Boot())
+        spec = self.template_spec(config, options)
+        try:
+            template, built = templates.ensure(spec, self.build_template)
+        except BackendError as exc:
+            log.warning("cold boot: cannot build a template (%s)", exc)
+            return self._spawn(config, options, Boot())
+        if built:
+            log.info("built template %s", template.key)
+        try:
+            vm = self.clone(config, options, template)
+        except TemplateUnusable as exc:
+            log.warning("cold boot: template %s is unusable (%s), removed", template.key, exc)
+            with contextlib.suppress(BackendError):
+                templates.remove(template.key)
+            return self._spawn(config, options, Boot())
+        log.info("cloned from template %s", template.key)
+        return vm
+
+    def template_for(self, memory_mib: int, vcpus: int, nics: int) -> templates.TemplateSpec:
+        """The template a container VM of that shape would be cloned from (current image)."""
+        from bonneville.guest.image import ensure_image
+
+        image = ensure_image()
+        return templates.TemplateSpec(
+            kernel=image.kernel,
+            initrd=image.initrd,
+            kernel_args=tuple(image.kernel_args),
+            memory_mib=memory_mib,
+            vcpus=vcpus,
+            nics=nics,
+            options=self.options(),
+        )
+
+    @staticmethod
+    def template_spec(config: VMConfig, options: QemuOptions) -> templates.TemplateSpec:
+        return templates.TemplateSpec(
+            kernel=config.kernel,
+            initrd=config.initrd,
+            kernel_args=config.kernel_args,
+            memory_mib=config.memory_mib,
+            vcpus=config.vcpus,
+            nics=len(config.nics),
+            options=options,
+        )
+
+    def build_template(self, spec: templates.TemplateSpec, directory: str) -> None:
+        """Boot a VM to its agent's ready line and save it into ``directory``."""
+        share = os.path.join(directory, "share")
+        os.mkdir(share, 0o755)  # stays empty: a template never sees container data
+        config = VMConfig(
+            container_id=f"template-{os.path.basename(directory).strip('.')[:12]}",
+            memory_mib=spec.memory_mib,
+            vcpus=spec.vcpus,
+            share_dir=share,
+            run_dir=directory,
+            kernel=spec.kernel,
+            initrd=spec.initrd,
+            kernel_args=spec.kernel_args,
+            nics=tuple(("", TEMPLATE_MAC.format(i + 1)) for i in range(spec.nics)),
+        )
+        memory = os.path.join(directory, templates.MEMORY_FILE)
+        vm = self._spawn(config, spec.options, Boot(BootMode.TEMPLATE, memory))
+        try:
+            _wait_agent_ready(vm.channel, time.monotonic() + TEMPLATE_BOOT_TIMEOUT)
+            qmp = vm.qmp
+            qmp.execute("stop")
+            _set_ignore_shared(qmp)
+            state_path = os.path.join(directory, templates.STATE_FILE)
+            fd = os.open(state_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                qmp.command("getfd", {"fdname": "template"}, fds=[fd])
+            finally:
+                os.close(fd)
+            qmp.execute("migrate", uri="fd:template")
+            _wait_migration(qmp, time.monotonic() + MIGRATION_TIMEOUT)
+        finally:
+            vm.stop(timeout=2.0)
+        os.rmdir(share)
+        # The memory file must never change again: clones map it copy-on-write.
+        os.chmod(memory, 0o400)
+        os.chmod(state_path, 0o400)
+
+    def clone(self, config: VMConfig, options: QemuOptions, template: templates.Template) -> QemuVM:
+        """A VM restored from ``template``: its RAM a private mapping of the template's."""
+        vm = self._spawn(config, options, Boot(BootMode.CLONE, template.memory_path))
+        try:
+            qmp = vm.qmp
+            _set_ignore_shared(qmp)
+            try:
+                fd = os.open(template.state_path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise TemplateUnusable(f"cannot open its state: {exc.strerror}") from exc
+            try:
+                qmp.command("getfd", {"fdname": "template"}, fds=[fd])
+            finally:
+                os.close(fd)
+            qmp.execute("migrate-incoming", uri="fd:template")
+            try:
+                _wait_migration(qmp, time.monotonic() + MIGRATION_TIMEOUT)
+            except BackendError as exc:
+                raise TemplateUnusable(_error_line(vm.log_path, vm.log_offset) or str(exc)) from exc
+            # The template was saved stopped, so its clones arrive stopped.
+            qmp.execute("cont")
+        except BaseException:
+            vm.stop(timeout=1.0)
+            raise
+        return vm
 
     def _spawn(self, config: VMConfig, options: QemuOptions, boot: Boot) -> QemuVM:
         os.makedirs(config.run_dir, exist_ok=True)
@@ -272,7 +464,7 @@ class QemuBackend(Backend):
             agent.close()
             qmp.close()
             raise
-        return QemuVM(proc, pidfd, agent, qmp)
+        return QemuVM(proc, pidfd, agent, qmp, log_path, log_offset)
 
     @staticmethod
     def _discard(proc: subprocess.Popen[bytes], pidfd: int) -> int:

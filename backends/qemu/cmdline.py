@@ -175,11 +175,17 @@ def build_argv(
             f"virtio-rng-{bus},rng=rng0",
         ]
     for index, (tap, mac) in enumerate(config.nics):
+        if not tap:
+            # A template's NIC: the device (its state is what clones restore) with no backend;
+            # each clone plugs its own tap into the same device, and the agent gives the NIC
+            # the container's MAC.
+            argv += ["-device", f"virtio-net-{bus},id=nic{index},mac={mac}"]
+            continue
         argv += [
             "-netdev",
             f"tap,id=net{index},ifname={escape(tap)},script=no,downscript=no",
             "-device",
-            f"virtio-net-{bus},netdev=net{index},mac={mac}",
+            f"virtio-net-{bus},id=nic{index},netdev=net{index},mac={mac}",
         ]
     if boot.mode is BootMode.CLONE:
         # The state arrives later over QMP (migrate-incoming), after x-ignore-shared is set.
