@@ -32,4 +32,6 @@ VENV=/opt/bonneville/venv
 "$VENV/bin/pip" install -q --no-build-isolation -e '.[test]'
 ln -sf "$VENV/bin/bonneville" /usr/local/bin/bonneville
 bonneville image build
+# The templates docker needs most (no NIC and one NIC): the first container starts as a clone.
+bonneville template build
 echo "bonneville installed: $(command -v bonneville)"
