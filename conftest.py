@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -149,3 +151,112 @@ def stop_daemon(daemon: subprocess.Popen[bytes], base: Path) -> None:
         target = mount.split()[1]
         if target.startswith(str(base)):
             subprocess.run(["umount", "-l", target], check=False)
+
+
+# ---- a private dockerd (integration tests and benchmarks) -----------------------------------
+
+DOCKER_BRIDGE = "bvtest0"
+DOCKER_BRIDGE_ADDRESS = "172.31.250.1/24"
+
+
+class Docker:
+    """The docker CLI aimed at one private daemon."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.env = {**os.environ, "DOCKER_HOST": f"unix://{socket_path}"}
+
+    def __call__(
+        self, *args: str, input: bytes | None = None, timeout: float = 180
+    ) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            ["docker", *args],
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            capture_output=True,
+            env=self.env,
+            timeout=timeout,
+            check=False,
+        )
+
+    def ok(self, *args: str, input: bytes | None = None) -> str:
+        result = self(*args, input=input)
+        assert result.returncode == 0, f"docker {' '.join(args)}: {result.stderr!r}"
+        return result.stdout.decode()
+
+    def run(self, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+        return self("run", "--rm", "--runtime", "bonneville", *args, input=input)
+
+
+@contextlib.contextmanager
+def private_dockerd(runtimes: dict[str, str], image: str) -> Iterator[Docker]:
+    """A dockerd of our own (data-root, exec-root, socket and bridge under /tmp) with these
+    runtimes and a busybox ``image``; everything it made is gone afterwards."""
+    import fcntl
+    import shutil
+    import signal
+    import time
+
+    # One private dockerd at a time on this host: they would share the bridge's name and subnet.
+    lock = open("/run/lock/bonneville-test-dockerd.lock", "w")  # noqa: SIM115
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    # Short paths: containerd and the shims put unix sockets under the exec root.
+    base = Path(tempfile.mkdtemp(prefix="bvd-", dir="/tmp"))
+    sock = base / "docker.sock"
+    bridge = DOCKER_BRIDGE
+    # Our own bridge (not docker0): created here, deleted afterwards, nothing else touched.
+    subprocess.run(["ip", "link", "del", bridge], capture_output=True, check=False)  # a stale one
+    subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)
+    subprocess.run(["ip", "addr", "add", DOCKER_BRIDGE_ADDRESS, "dev", bridge], check=True)
+    subprocess.run(["ip", "link", "set", bridge, "up"], check=True)
+    log = open(base / "dockerd.log", "wb")  # noqa: SIM115
+    runtime_args = [f"--add-runtime={name}={path}" for name, path in runtimes.items()]
+    daemon = subprocess.Popen(
+        [
+            "dockerd",
+            "--data-root",
+            str(base / "data"),
+            "--exec-root",
+            str(base / "exec"),
+            "--host",
+            f"unix://{sock}",
+            "--pidfile",
+            str(base / "dockerd.pid"),
+            *runtime_args,
+            f"--bridge={bridge}",
+            # No iptables rules left on the host afterwards.
+            "--iptables=false",
+            "--ip-masq=false",
+        ],
+        stdout=log,
+        stderr=log,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    client = Docker(str(sock))
+    try:
+        deadline = time.monotonic() + 60
+        while client("version").returncode != 0:
+            assert daemon.poll() is None, (base / "dockerd.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "dockerd did not come up"
+            time.sleep(0.2)
+        rootfs = make_busybox_rootfs(base / "rootfs")
+        tar = subprocess.run(["tar", "-C", str(rootfs), "-c", "."], capture_output=True, check=True)
+        client.ok("import", "-", image, input=tar.stdout)
+        yield client
+    finally:
+        ids = client("ps", "-aq").stdout.split()
+        if ids:
+            client("rm", "-f", *[i.decode() for i in ids])
+        stop_daemon(daemon, base)
+        log.close()
+        # containerd's shims outlive their daemon by design (live restore); these are the
+        # private daemon's own, so they go with it. Our monitors and VMs must already be gone.
+        for line in leftover_processes(str(base)):
+            pid, _, command = line.partition(": ")
+            if "containerd-shim" in command:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+        shutil.rmtree(base, ignore_errors=True)
+        subprocess.run(["ip", "link", "del", bridge], check=False)
+        lock.close()
+    assert leftover_processes(str(base)) == []

@@ -6,21 +6,16 @@ touches a system daemon; the image is a busybox rootfs imported from a local tar
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import shutil
-import signal
 import socket
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import leftover_processes, make_busybox_rootfs, stop_daemon
+from conftest import Docker, private_dockerd
 
 pytestmark = [
     pytest.mark.vm,
@@ -28,101 +23,14 @@ pytestmark = [
 ]
 
 IMAGE = "bonneville-busybox:test"
-BRIDGE = "bvtest0"
-BRIDGE_ADDRESS = "172.31.250.1/24"
-
-
-class Docker:
-    def __init__(self, socket_path: str) -> None:
-        self.env = {**os.environ, "DOCKER_HOST": f"unix://{socket_path}"}
-
-    def __call__(
-        self, *args: str, input: bytes | None = None, timeout: float = 180
-    ) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run(
-            ["docker", *args],
-            input=input,
-            stdin=None if input is not None else subprocess.DEVNULL,
-            capture_output=True,
-            env=self.env,
-            timeout=timeout,
-            check=False,
-        )
-
-    def ok(self, *args: str, input: bytes | None = None) -> str:
-        result = self(*args, input=input)
-        assert result.returncode == 0, f"docker {' '.join(args)}: {result.stderr!r}"
-        return result.stdout.decode()
-
-    def run(self, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-        return self("run", "--rm", "--runtime", "bonneville", *args, input=input)
 
 
 @pytest.fixture(scope="module")
 def docker() -> Iterator[Docker]:
-    # One private dockerd at a time on this host: they would share the bridge's name and subnet.
-    lock = open("/run/lock/bonneville-test-dockerd.lock", "w")  # noqa: SIM115
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    # Short paths: containerd and the shims put unix sockets under the exec root.
-    base = Path(tempfile.mkdtemp(prefix="bvd-", dir="/tmp"))
-    sock = base / "docker.sock"
-    # Our own bridge (not docker0): created here, deleted afterwards, nothing else touched.
-    subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True, check=False)  # a stale one
-    subprocess.run(["ip", "link", "add", BRIDGE, "type", "bridge"], check=True)
-    subprocess.run(["ip", "addr", "add", BRIDGE_ADDRESS, "dev", BRIDGE], check=True)
-    subprocess.run(["ip", "link", "set", BRIDGE, "up"], check=True)
-    log = open(base / "dockerd.log", "wb")  # noqa: SIM115
-    daemon = subprocess.Popen(
-        [
-            "dockerd",
-            "--data-root",
-            str(base / "data"),
-            "--exec-root",
-            str(base / "exec"),
-            "--host",
-            f"unix://{sock}",
-            "--pidfile",
-            str(base / "dockerd.pid"),
-            "--add-runtime",
-            f"bonneville={shutil.which('bonneville')}",
-            f"--bridge={BRIDGE}",
-            # No iptables rules left on the host afterwards.
-            "--iptables=false",
-            "--ip-masq=false",
-        ],
-        stdout=log,
-        stderr=log,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    client = Docker(str(sock))
-    try:
-        deadline = time.monotonic() + 60
-        while client("version").returncode != 0:
-            assert daemon.poll() is None, (base / "dockerd.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "dockerd did not come up"
-            time.sleep(0.2)
-        rootfs = make_busybox_rootfs(base / "rootfs")
-        tar = subprocess.run(["tar", "-C", str(rootfs), "-c", "."], capture_output=True, check=True)
-        client.ok("import", "-", IMAGE, input=tar.stdout)
+    bonneville = shutil.which("bonneville")
+    assert bonneville
+    with private_dockerd({"bonneville": bonneville}, IMAGE) as client:
         yield client
-    finally:
-        ids = client("ps", "-aq").stdout.split()
-        if ids:
-            client("rm", "-f", *[i.decode() for i in ids])
-        stop_daemon(daemon, base)
-        log.close()
-        # containerd's shims outlive their daemon by design (live restore); these are the
-        # private daemon's own, so they go with it. Our monitors and VMs must already be gone.
-        for line in leftover_processes(str(base)):
-            pid, _, command = line.partition(": ")
-            if "containerd-shim" in command:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
-        shutil.rmtree(base, ignore_errors=True)
-        subprocess.run(["ip", "link", "del", BRIDGE], check=False)
-        lock.close()
-    assert leftover_processes(str(base)) == []
 
 
 def test_run_echo_uses_a_vm(docker: Docker) -> None:
