@@ -339,9 +339,8 @@ def bench_io(work: Path) -> str:
     rows = []
     for label, h, g in zip(labels, host_t, guest_t, strict=True):
         rows.append([label, f"{h:.2f} s", f"{g:.2f} s", ratio(g, h)])
-    return "### file I/O: 9p inside the VM vs the host directory (timed with /proc/uptime)\n\n" + table(
-        ["operation", "host", "in the VM (9p)", "ratio"], rows
-    )
+    heading = "### file I/O: 9p inside the VM vs the host directory (timed with /proc/uptime)"
+    return f"{heading}\n\n{table(['operation', 'host', 'in the VM (9p)', 'ratio'], rows)}"
 
 
 def main() -> None:
