@@ -107,6 +107,7 @@ class Backend(ABC):
 _BACKENDS = {
     "qemu": "bonneville.backends.qemu.backend:QemuBackend",
     "fake": "bonneville.backends.fake:FakeBackend",
+    "vsphere": "bonneville.backends.vsphere.backend:VSphereBackend",
 }
 
 
