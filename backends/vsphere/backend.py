@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from bonneville.backends.base import VM, Backend, Capability, VMConfig
 from bonneville.backends.vsphere import media, specs
@@ -38,10 +38,52 @@ TEMPLATE_LOCK = "/run/bonneville-vsphere-template.lock"
 TASK_TIMEOUT = 600.0  # a hang guard: uploads and clones of big disks take minutes
 
 
+# ---- the runtime's network namespace -------------------------------------------------------------
+
+CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
+
+
+def _setns(fd: int) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise BackendError(f"cannot enter the runtime's network namespace: {os.strerror(err)}")
+
+
+def in_netns(fd: int, fn: Callable[[], T]) -> T:
+    """``fn()`` run in the network namespace ``fd`` (-1: here), in a thread of its own.
+
+    The monitor sits in the container's network namespace, where neither vCenter nor ESXi is
+    reachable; setns(2) of a network namespace is per thread, and sockets keep the namespace
+    they were made in, so the connections and the serial listener made there work from any
+    thread afterwards."""
+    if fd < 0:
+        return fn()
+    results: list[T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            _setns(fd)
+            results.append(fn())
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="vsphere-netns")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return results[0]
+
+
 # ---- connection ------------------------------------------------------------------------------
 
 
-def _fault_text(exc: BaseException) -> str:
+def _fault_text(exc: object) -> str:
     msg = getattr(exc, "msg", None) or str(exc) or type(exc).__name__
     return " ".join(str(msg).split())
 
@@ -390,6 +432,7 @@ class VSphereVM(VM):
         channel: socket.socket,
         listener: SerialListener,
         clone_path: str,
+        netns_fd: int = -1,
     ) -> None:
         self._cfg = cfg
         self._si = si
@@ -401,6 +444,7 @@ class VSphereVM(VM):
         self._channel = channel
         self._listener = listener
         self.clone_path = clone_path
+        self._netns_fd = netns_fd
         self._ended = threading.Event()
         self._stop_watch = threading.Event()
         self._exit_r, self._exit_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -410,6 +454,8 @@ class VSphereVM(VM):
     def _watch(self) -> None:
         """Tell the monitor when the VM stops running (powered off or deleted behind us)."""
         try:
+            if self._netns_fd >= 0:
+                _setns(self._netns_fd)
             with session(self._cfg) as si:
                 while not self._stop_watch.wait(WATCH_INTERVAL):
                     vm = find_vm(si, self._moref)
@@ -448,14 +494,17 @@ class VSphereVM(VM):
             "clone": self.clone_path,
         }
 
+    def _destroy(self) -> None:
+        destroy_vm(self._vm)
+        self._inv.datastore.delete(self._folder_path)
+
     def stop(self, timeout: float = 5.0) -> None:
         self._stop_watch.set()
         with contextlib.suppress(OSError):
             self._channel.close()
         self._listener.close()
         try:
-            destroy_vm(self._vm)
-            self._inv.datastore.delete(self._folder_path)
+            in_netns(self._netns_fd, self._destroy)
         finally:
             disconnect(self._si)
             for fd in (self._exit_r, self._exit_w):
@@ -477,6 +526,10 @@ class VSphereBackend(Backend):
         return self._settings
 
     def launch(self, config: VMConfig) -> VM:
+        netns_fd = int(config.extra.get("runtime_netns_fd", -1))
+        return in_netns(netns_fd, lambda: self._launch(config, netns_fd))
+
+    def _launch(self, config: VMConfig, netns_fd: int) -> VM:
         cfg = self.settings
         from bonneville.guest.image import find_kernel
 
@@ -533,7 +586,7 @@ class VSphereBackend(Backend):
         except BaseException:
             undo.run()
             raise
-        return VSphereVM(cfg, si, vm, inv, folder_rel, channel, listener, path)
+        return VSphereVM(cfg, si, vm, inv, folder_rel, channel, listener, path, netns_fd)
 
     def _make_vm(
         self,

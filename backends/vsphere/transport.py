@@ -82,16 +82,18 @@ class SerialListener:
         expected = preamble(token)
         deadline = time.monotonic() + timeout
         pending: dict[int, _Pending] = {}
+        rejected: list[str] = []
         sel = selectors.DefaultSelector()
         sel.register(self.sock, selectors.EVENT_READ)
         try:
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    seen = ", ".join(p.peer for p in pending.values()) or "none"
+                    dropped = rejected + [p.peer for p in pending.values()]
                     raise BackendError(
                         f"the VM's agent did not connect to port {self.port} within "
-                        f"{timeout:.0f} s (connections without its token: {seen})"
+                        f"{timeout:g} s (connections without its token: "
+                        f"{', '.join(dropped) or 'none'})"
                     )
                 for key, _ in sel.select(remaining):
                     if key.fileobj is self.sock:
@@ -106,6 +108,7 @@ class SerialListener:
                     if verdict:
                         conn.sock.setblocking(True)
                         return conn.sock
+                    rejected.append(conn.peer)
                     conn.sock.close()
         finally:
             for conn in pending.values():
