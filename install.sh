@@ -30,7 +30,7 @@ VENV=/opt/bonneville/venv
 [ -x "$VENV/bin/python" ] || /usr/bin/python3 -m venv "$VENV"
 # No build isolation: with its build tools in the venv, a re-install needs no index.
 "$VENV/bin/pip" install -q wheel 'setuptools>=66'
-"$VENV/bin/pip" install -q --no-build-isolation -e '.[test]'
+"$VENV/bin/pip" install -q --no-build-isolation -e '.[test,vsphere]'
 ln -sf "$VENV/bin/bonneville" /usr/local/bin/bonneville
 bonneville image build
 echo "bonneville installed: $(command -v bonneville)"

@@ -37,6 +37,7 @@ EXTRA_CONTAINER = "bonneville.container-id"
 EXTRA_IMAGE = "bonneville.image"
 EXTRA_ROLE = "bonneville.role"
 SNAPSHOT_NAME = "bonneville-base"
+SERIALIZE_VERSION = "vim.version.version12"
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,9 @@ def to_xml(obj: Any) -> str:
 
     SoapAdapter = vmomi("pyVmomi.SoapAdapter")
 
-    raw = SoapAdapter.Serialize(obj)
+    # Serialised for vSphere 6.7 (vim.version.version12, what InstantClone needs): without a
+    # version pyVmomi silently drops types newer than vSphere 2.0, such as the URI backing.
+    raw = SoapAdapter.Serialize(obj, version=SERIALIZE_VERSION)
     text: str = xml.dom.minidom.parseString(raw).toprettyxml(indent="  ")
     return text
 
