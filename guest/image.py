@@ -79,7 +79,15 @@ KERNEL_MODULES: tuple[str, ...] = (
 OPTIONAL_KERNEL_MODULES: tuple[str, ...] = ("virtio_mmio", "virtio_rng")
 # Loaded by /init only with `bonneville.root=disk` (the vSphere backend's ext4 root disk on
 # VMware's PVSCSI, or virtio-blk in the QEMU serial test): the 9p path pays nothing for them.
-DISK_KERNEL_MODULES: tuple[str, ...] = ("virtio_blk", "vmw_pvscsi", "sd_mod", "ext4")
+# ext4 asks the crypto API for "crc32c" (metadata checksums); without modprobe in the guest
+# nothing would load it on demand, and the mount fails with ENOENT.
+DISK_KERNEL_MODULES: tuple[str, ...] = (
+    "virtio_blk",
+    "vmw_pvscsi",
+    "sd_mod",
+    "crc32c_generic",
+    "ext4",
+)
 
 # Stdlib modules the agent needs whether or not agent.py exists yet (it is imported on top of
 # these once it does): imports done lazily inside functions are only found through this list.
