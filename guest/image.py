@@ -78,7 +78,7 @@ KERNEL_MODULES: tuple[str, ...] = (
 # the entropy device the backends attach.
 OPTIONAL_KERNEL_MODULES: tuple[str, ...] = ("virtio_mmio", "virtio_rng")
 # Loaded by /init only with `bonneville.root=disk` (the vSphere backend's ext4 root disk on
-# VMware's PVSCSI, or virtio-blk in the QEMU serial test): the 9p path pays nothing for them.
+# VMware's PVSCSI, as in the QEMU serial test; virtio-blk for QEMU): 9p boots pay nothing for them.
 # ext4 asks the crypto API for "crc32c" (metadata checksums); without modprobe in the guest
 # nothing would load it on demand, and the mount fails with ENOENT.
 DISK_KERNEL_MODULES: tuple[str, ...] = (

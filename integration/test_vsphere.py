@@ -30,6 +30,7 @@ from integration.vsphere_env import (
     leftovers,
     reap_guests,
     vcsim,
+    vms,
 )
 
 __all__ = ["vcsim"]  # the session fixture, imported so pytest finds it here
@@ -120,6 +121,7 @@ def test_create_makes_the_vm_from_the_template_start_runs_delete_removes_all(
         assert ports[1].backing.serviceURI == extra["guestinfo.bonneville.channel"]
         assert ports[1].backing.direction == "client"
         vm_name = vm.name
+        vm_moref = vm._moId
 
     # The root disk on the datastore is the ext4 image the guest mounts: label and UUID (the
     # token) as the agent reads them, the bundle's files in it.
@@ -135,8 +137,18 @@ def test_create_makes_the_vm_from_the_template_start_runs_delete_removes_all(
     for path in (runtime.root / "c1").rglob("*"):
         if path.is_file():
             assert vcsim.password.encode() not in path.read_bytes(), path
-    private = json.loads((runtime.root / "c1" / "state.json").read_text())
-    assert vcsim.password not in json.dumps(private)
+    private = json.loads((runtime.root / "c1" / "state.json").read_text())["backend_state"]
+    assert private == {
+        "vm": vm_moref,
+        "name": vm_name,
+        "datacenter": "DC0",
+        "datastore": "LocalDS_0",
+        "folder": vm_name,
+        "clone": "linked clone",  # vcsim speaks API 6.5: no InstantClone, so the fallback
+    }
+    monitor_log = (runtime.root / "c1" / "monitor.log").read_text()
+    assert "has no InstantClone (needs 6.7): skipping it" in monitor_log
+    assert f"VM {vm_name} made by linked clone of bonneville-template-" in monitor_log
 
     runtime("start", "c1", check=True)
     deadline = time.monotonic() + 30
@@ -255,3 +267,43 @@ def test_bad_settings_fail_create_with_one_clear_line(
     assert vcsim.password.encode() not in result.stderr
     assert not (runtime.root / "b1").exists()
     assert leftovers(vcsim) == ([], [])
+
+
+def test_clone_mode_full_and_instant_on_a_server_without_it(
+    runtime: Runtime, vcsim: Vcsim, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = make_bundle(tmp_path, ["true"])
+    monkeypatch.setenv("BONNEVILLE_VSPHERE_CLONE_MODE", "full")
+    with StandInGuest(vcsim, "f1", bundle / "rootfs"):
+        runtime("create", "--bundle", str(bundle), "f1", check=True)
+    state = json.loads((runtime.root / "f1" / "state.json").read_text())
+    assert state["backend_state"]["clone"] == "full clone"
+    runtime("delete", "--force", "f1", check=True)
+    assert leftovers(vcsim) == ([], [])
+
+    monkeypatch.setenv("BONNEVILLE_VSPHERE_CLONE_MODE", "instant")
+    result = runtime("create", "--bundle", str(bundle), "f2")
+    assert result.returncode == 1
+    assert b"clone_mode=instant needs vSphere API 6.7+, the server speaks 6.5" in result.stderr
+    assert not (runtime.root / "f2").exists()
+    assert leftovers(vcsim) == ([], [])
+
+
+def test_the_template_is_made_once_with_its_snapshot(
+    runtime: Runtime, vcsim: Vcsim, tmp_path: Path
+) -> None:
+    bundle = make_bundle(tmp_path, ["true"])
+    for cid in ("s1", "s2"):
+        with StandInGuest(vcsim, cid, bundle / "rootfs"):
+            runtime("create", "--bundle", str(bundle), cid, check=True)
+    with vsb.session(vcsim.settings()) as si:
+        templates = [vm for name, vm in vms(si).items() if name.startswith("bonneville-template-")]
+        assert len(templates) == 1
+        template = templates[0]
+        assert [n.name for n in template.snapshot.rootSnapshotList] == ["bonneville-base"]
+        assert str(template.runtime.powerState) == "poweredOff"  # no instant clones here
+        devices = [type(d).__name__.rsplit(".", 1)[-1] for d in template.config.hardware.device]
+        assert "VirtualCdrom" in devices and "ParaVirtualSCSIController" in devices
+        assert "VirtualDisk" not in devices  # each container brings its own root disk
+    for cid in ("s1", "s2"):
+        runtime("delete", "--force", cid, check=True)
