@@ -11,6 +11,7 @@ TCP serial transport; integration/test_vsphere_serial.py boots the real guest in
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -307,3 +308,42 @@ def test_the_template_is_made_once_with_its_snapshot(
         assert "VirtualDisk" not in devices  # each container brings its own root disk
     for cid in ("s1", "s2"):
         runtime("delete", "--force", cid, check=True)
+
+
+def test_instant_clone_refused_by_the_server_falls_back_to_a_linked_clone(
+    vcsim: Vcsim, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, busybox_rootfs: Path
+) -> None:
+    """vcsim speaks API 6.5; claiming 6.7 makes `auto` call InstantClone_Task for real, and
+    the server's own fault (MethodNotFound) must send the backend down the chain."""
+    from bonneville.backends.base import VMConfig
+    from bonneville.guest.image import ensure_image
+
+    monkeypatch.setattr(vsb, "api_version", lambda si: (6, 7))
+    image = ensure_image()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    backend = vsb.VSphereBackend(vcsim.settings(agent_timeout=60))
+    config = VMConfig(
+        container_id="ic1",
+        memory_mib=256,
+        vcpus=1,
+        share_dir=str(busybox_rootfs),
+        run_dir=str(run_dir),
+        kernel=image.kernel,
+        initrd=image.initrd,
+        kernel_args=image.kernel_args,
+    )
+    with StandInGuest(vcsim, "ic1", busybox_rootfs):
+        vm = backend.launch(config)
+    try:
+        assert vm.private_state()["clone"] == "linked clone"
+        with vsb.session(vcsim.settings()) as si:
+            template = next(v for n, v in vms(si).items() if n.startswith("bonneville-template-"))
+            # The instant path needs a running source: the template was powered on for it.
+            assert str(template.runtime.powerState) == "poweredOn"
+            vsb.wait_task(template.PowerOffVM_Task(), "powering the template off again")
+    finally:
+        vm.stop()
+        reap_guests()
+    assert leftovers(vcsim) == ([], [])
+    assert sorted(os.listdir(run_dir)) == []  # the local disk image went after its upload

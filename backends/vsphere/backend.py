@@ -32,6 +32,7 @@ from bonneville.spec.errors import BackendError
 log = logging.getLogger("bonneville.vsphere")
 
 ISO_DIR = "bonneville"
+INSTANT = "instant clone"
 INSTANT_CLONE_API = (6, 7)
 WATCH_INTERVAL = 2.0  # how often the monitor's watcher asks whether the VM still runs
 TEMPLATE_LOCK = "/run/bonneville-vsphere-template.lock"
@@ -552,33 +553,28 @@ class VSphereBackend(Backend):
                 undo.push(f"remove {path}", lambda p=path: _unlink(p))  # type: ignore[misc]
             listener = SerialListener(cfg.listen_host)
             undo.push("close the listener", listener.close)
-            vm, path = self._make_vm(si, inv, cfg, iso, iso_path, image_key, name, token, undo)
-            folder_path = os.path.dirname(str(vm.config.files.vmPathName)).rstrip("/")
-            folder_rel = folder_path.split("] ", 1)[1] if "] " in folder_path else ""
-            if not folder_rel:
-                raise BackendError(f"VM {name} has no folder of its own: {folder_path}")
-            undo.push(f"delete {folder_path}", lambda: inv.datastore.delete(folder_rel))
-            inv.datastore.upload(disk.flat, f"{folder_rel}/{os.path.basename(disk.flat)}")
-            inv.datastore.upload(
-                disk.descriptor, f"{folder_rel}/{os.path.basename(disk.descriptor)}"
-            )
+            allow_instant = True
+            while True:
+                # One undo list per attempt: a failed instant clone is removed before the
+                # linked clone is tried; anything else failing unwinds everything.
+                attempt = Undo()
+                undo.push("remove the VM", attempt.run)
+                vm, path = self._make_vm(
+                    si, inv, cfg, iso, iso_path, image_key, name, token, attempt, allow_instant
+                )
+                try:
+                    folder_rel, plan = self._configure(
+                        vm, inv, disk, listener.uri(advertise), config, token, image_key, attempt
+                    )
+                    break
+                except BackendError as exc:
+                    if path != INSTANT or cfg.clone_mode != "auto":
+                        raise
+                    log.warning("configuring the instant clone failed (%s): falling back", exc)
+                    attempt.run()
+                    allow_instant = False
             for local in (disk.flat, disk.descriptor):
-                with contextlib.suppress(OSError):
-                    os.unlink(local)
-            plan = specs.ContainerPlan(
-                container_id=config.container_id,
-                vm_folder_path=folder_path,
-                disk_path=f"{folder_path}/{os.path.basename(disk.descriptor)}",
-                channel_uri=listener.uri(advertise),
-                token=token,
-                memory_mib=config.memory_mib,
-                vcpus=config.vcpus,
-                image_key=image_key,
-            )
-            wait_task(
-                vm.ReconfigVM_Task(spec=specs.container_config(plan, _scsi_key(vm))),
-                f"configuring VM {name}",
-            )
+                _unlink(local)
             if str(vm.runtime.powerState) != "poweredOn":
                 wait_task(vm.PowerOnVM_Task(), f"powering on VM {name}")
             log.info("VM %s powered on; waiting for its agent on %s", name, plan.channel_uri)
@@ -587,6 +583,42 @@ class VSphereBackend(Backend):
             undo.run()
             raise
         return VSphereVM(cfg, si, vm, inv, folder_rel, channel, listener, path, netns_fd)
+
+    def _configure(
+        self,
+        vm: Any,
+        inv: Inventory,
+        disk: media.RootDisk,
+        channel_uri: str,
+        config: VMConfig,
+        token: str,
+        image_key: str,
+        undo: Undo,
+    ) -> tuple[str, specs.ContainerPlan]:
+        """Upload the root disk into the VM's folder and add it, the serial ports, the size."""
+        name = vm.name
+        folder_path = os.path.dirname(str(vm.config.files.vmPathName)).rstrip("/")
+        folder_rel = folder_path.split("] ", 1)[1] if "] " in folder_path else ""
+        if not folder_rel:
+            raise BackendError(f"VM {name} has no folder of its own: {folder_path}")
+        undo.push(f"delete {folder_path}", lambda: inv.datastore.delete(folder_rel))
+        for local in (disk.flat, disk.descriptor):
+            inv.datastore.upload(local, f"{folder_rel}/{os.path.basename(local)}")
+        plan = specs.ContainerPlan(
+            container_id=config.container_id,
+            vm_folder_path=folder_path,
+            disk_path=f"{folder_path}/{os.path.basename(disk.descriptor)}",
+            channel_uri=channel_uri,
+            token=token,
+            memory_mib=config.memory_mib,
+            vcpus=config.vcpus,
+            image_key=image_key,
+        )
+        wait_task(
+            vm.ReconfigVM_Task(spec=specs.container_config(plan, _scsi_key(vm))),
+            f"configuring VM {name}",
+        )
+        return folder_rel, plan
 
     def _make_vm(
         self,
@@ -599,6 +631,7 @@ class VSphereBackend(Backend):
         name: str,
         token: str,
         undo: Undo,
+        allow_instant: bool = True,
     ) -> tuple[Any, str]:
         """The container's VM by the best path the server offers; (vm, path taken)."""
         vmodl = vmomi().vmodl
@@ -610,13 +643,13 @@ class VSphereBackend(Backend):
                 f"vsphere.clone_mode=instant needs vSphere API {INSTANT_CLONE_API[0]}."
                 f"{INSTANT_CLONE_API[1]}+, the server speaks {si.content.about.apiVersion}"
             )
-        want_instant = mode == "instant" or (mode == "auto" and instant_ok)
+        want_instant = mode == "instant" or (mode == "auto" and instant_ok and allow_instant)
         template = ensure_template(si, inv, cfg, iso, iso_path, image_key, powered_on=want_instant)
         attempts: list[tuple[str, Callable[[], Any]]] = []
         if want_instant:
             attempts.append(
                 (
-                    "instant clone",
+                    INSTANT,
                     lambda: template.InstantClone_Task(
                         spec=specs.instant_clone_spec(
                             name, inv.pool, inv.datastore.ds, inv.folder, token
