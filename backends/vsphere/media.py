@@ -102,7 +102,8 @@ def ensure_boot_iso(
                 (bzimage, "boot/vmlinuz"),
                 (initrd, "boot/initrd.img"),
             ):
-                os.link(src, stage / dest) if _same_fs(src, work) else _copy(src, stage / dest)
+                # Copies, never links: -boot-info-table patches isolinux.bin in the tree.
+                _copy(src, stage / dest)
             (stage / "isolinux" / "isolinux.cfg").write_text(isolinux_config(kernel_args))
             tmp = Path(work) / "boot.iso"
             _run(
@@ -133,13 +134,6 @@ def ensure_boot_iso(
     finally:
         os.close(lock_fd)
     return iso
-
-
-def _same_fs(src: str, directory: str) -> bool:
-    try:
-        return os.stat(src).st_dev == os.stat(directory).st_dev
-    except OSError:
-        return False
 
 
 def _copy(src: str, dest: Path) -> None:
