@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -347,3 +348,18 @@ def test_instant_clone_refused_by_the_server_falls_back_to_a_linked_clone(
         reap_guests()
     assert leftovers(vcsim) == ([], [])
     assert sorted(os.listdir(run_dir)) == []  # the local disk image went after its upload
+
+
+def test_delete_after_the_monitor_died_destroys_the_vm_through_the_api(
+    runtime: Runtime, vcsim: Vcsim, tmp_path: Path
+) -> None:
+    bundle = make_bundle(tmp_path, ["sleep", "60"])
+    with StandInGuest(vcsim, "k1", bundle / "rootfs"):
+        runtime("create", "--bundle", str(bundle), "k1", check=True)
+    monitor = int(str(runtime.state("k1")["pid"]))
+    os.kill(monitor, signal.SIGKILL)
+    wait_status(runtime, "k1", "stopped")
+    with vsb.session(vcsim.settings()) as si:
+        assert container_vm(si, "k1") is not None  # nobody has cleaned up yet
+    runtime("delete", "k1", check=True)  # backend.destroy(private state) from the CLI
+    assert leftovers(vcsim) == ([], [])

@@ -153,21 +153,28 @@ def datastore_dir(vc: Vcsim) -> Path:
         return Path(inv.datastore.ds.summary.url)
 
 
+def _ours_to_keep(path: str) -> bool:
+    return (
+        path == "bonneville"
+        or (path.startswith("bonneville/boot-") and path.endswith(".iso"))
+        or path.startswith("bonneville-template-")
+    )
+
+
 def leftovers(vc: Vcsim) -> tuple[list[str], list[str]]:
-    """(VMs that are not templates, datastore files that are not the ISO or a template's)."""
+    """(VMs that are not templates, datastore files that are not the ISO or a template's),
+    the files both as the API lists them and as vcsim stores them on this machine's disk."""
     with vsb.session(vc.settings()) as si:
         names = sorted(n for n in vms(si) if not n.startswith("bonneville-template-"))
         inv = vsb.resolve(si, vc.settings())
-        files = [
-            f
-            for f in inv.datastore.listing("")
-            if not (
-                f == "bonneville"
-                or (f.startswith("bonneville/boot-") and f.endswith(".iso"))
-                or f.startswith("bonneville-template-")
-            )
-        ]
-    return names, files
+        files = [f for f in inv.datastore.listing("") if not _ours_to_keep(f)]
+        local = Path(inv.datastore.ds.summary.url)
+    on_disk = [
+        str(p.relative_to(local))
+        for p in sorted(local.rglob("*"))
+        if not _ours_to_keep(str(p.relative_to(local)))
+    ]
+    return names, sorted(set(files) | {f"(disk) {f}" for f in on_disk})
 
 
 # ---- the guest's part ------------------------------------------------------------------------
