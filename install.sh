@@ -11,6 +11,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 PACKAGES="python3 python3-venv python3-dev gcc
+    golang-go golang-github-vmware-govmomi-dev xorriso isolinux syslinux-common
     qemu-system-x86 qemu-utils linux-image-amd64 busybox-static
     kmod cpio xz-utils iproute2 procps ca-certificates tar
     docker.io containerd runc iptables"
@@ -29,7 +30,7 @@ VENV=/opt/bonneville/venv
 [ -x "$VENV/bin/python" ] || /usr/bin/python3 -m venv "$VENV"
 # No build isolation: with its build tools in the venv, a re-install needs no index.
 "$VENV/bin/pip" install -q wheel 'setuptools>=66'
-"$VENV/bin/pip" install -q --no-build-isolation -e '.[test]'
+"$VENV/bin/pip" install -q --no-build-isolation -e '.[test,vsphere]'
 ln -sf "$VENV/bin/bonneville" /usr/local/bin/bonneville
 bonneville image build
 # The templates docker needs most (no NIC and one NIC): the first container starts as a clone.

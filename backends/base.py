@@ -42,6 +42,8 @@ class VMConfig:
     kernel_args: tuple[str, ...] = ()
     # Tap devices (names in the monitor's network namespace) with the MAC the guest must use.
     nics: tuple[tuple[str, str], ...] = ()
+    # Backend-specific extras. "runtime_netns_fd": the runtime's network namespace (the
+    # monitor itself sits in the container's), for backends that must reach a remote server.
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -107,6 +109,7 @@ class Backend(ABC):
 _BACKENDS = {
     "qemu": "bonneville.backends.qemu.backend:QemuBackend",
     "fake": "bonneville.backends.fake:FakeBackend",
+    "vsphere": "bonneville.backends.vsphere.backend:VSphereBackend",
 }
 
 

@@ -36,6 +36,17 @@ CONTAINER_ROOT = "/run/container/root"
 # The guest's cgroup v2 hierarchy and the container's cgroup in it (limits, update, stats).
 CGROUP_ROOT = "/sys/fs/cgroup"
 CGROUP_CONTROLLERS = ("cpu", "memory", "pids")
+# Kernel arguments that switch the agent to the vSphere-style channel and root (see
+# backends/vsphere/transport.py): bonneville.channel=ttyS1 (a UART instead of the virtio port),
+# bonneville.root=disk (the container root is the ext4 disk labelled ROOT_DISK_LABEL, not 9p),
+# bonneville.token=T (the channel preamble's token; default: that disk's ext4 UUID).
+CHANNEL_ARG = "bonneville.channel"
+ROOT_ARG = "bonneville.root"
+TOKEN_ARG = "bonneville.token"
+ROOT_DISK_LABEL = "bonneville-root"
+SERIAL_PREAMBLE = b"BONNEVILLE-AGENT "
+EXT4_SUPER_OFFSET = 1024
+EXT4_MAGIC = 0xEF53
 NINEP_OPTIONS = "trans=virtio,version=9p2000.L,msize=512000,cache=mmap,access=client"
 
 CHUNK = 64 * 1024  # one read from a child's pipe or pty
@@ -258,16 +269,28 @@ def remount_readonly(path: str, extra: int = MS_RDONLY) -> None:
 class Mode:
     """Everything that differs between PID 1 in a VM and host mode (fake backend, tests)."""
 
-    def __init__(self, pid1: bool, channel_fd: int | None, root: str | None) -> None:
+    def __init__(
+        self,
+        pid1: bool,
+        channel_fd: int | None,
+        root: str | None,
+        options: dict[str, str] | None = None,
+    ) -> None:
         self.pid1 = pid1
         self.channel_fd = channel_fd
         self.root = root if root is not None else CONTAINER_ROOT
+        options = options or {}
+        # A UART (e.g. "ttyS1") carrying the channel instead of the virtio port; its token.
+        self.serial = options.get(CHANNEL_ARG, "") if channel_fd is None else ""
+        self.token = options.get(TOKEN_ARG, "")
+        self.root_disk = options.get(ROOT_ARG) == "disk" and root is None
         # Host mode: the share is the given directory; in a VM it is the 9p export.
         self.mount_share = root is None
         # The clock, sysctls and the entropy count belong to the whole kernel: never a host's.
         self.guest_wide = pid1
         # A virtio port outlives host disconnects (snapshot/restore); a socket's EOF is final.
-        self.reconnects = channel_fd is None
+        # (A UART does not see its host go: it never reads EOF, so there is nothing to redo.)
+        self.reconnects = channel_fd is None and not self.serial
         # The container's cgroup inside the VM; a host's cgroups are never ours to change (PID 1
         # of a pid namespace on a host, as in tests, is not in a VM: it was given a root).
         self.cgroup: str | None = f"{CGROUP_ROOT}/container" if pid1 and root is None else None
@@ -292,7 +315,11 @@ class Mode:
 
     def prepare_root(self) -> None:
         """Make the container root a mount point of its own, writable until setup ends."""
-        if self.mount_share:
+        if self.root_disk:
+            os.makedirs(self.root, 0o755, exist_ok=True)
+            device, _ = find_root_disk()
+            mount(device, self.root, "ext4", 0)
+        elif self.mount_share:
             os.makedirs(self.root, 0o755, exist_ok=True)
             mount(protocol.ROOT_TAG, self.root, "9p", 0, NINEP_OPTIONS)
         else:
@@ -402,6 +429,61 @@ def find_port() -> str | None:
     return None
 
 
+def kernel_options(cmdline: str) -> dict[str, str]:
+    """The ``bonneville.*=value`` kernel arguments."""
+    options: dict[str, str] = {}
+    for word in cmdline.split():
+        key, sep, value = word.partition("=")
+        if sep and key.startswith("bonneville."):
+            options[key] = value
+    return options
+
+
+def ext4_identity(head: bytes) -> tuple[str, str] | None:
+    """(label, UUID) of an ext4 superblock at the start of a device, or None."""
+    sb = head[EXT4_SUPER_OFFSET : EXT4_SUPER_OFFSET + 136]
+    if len(sb) < 136 or struct.unpack_from("<H", sb, 56)[0] != EXT4_MAGIC:
+        return None
+    raw = sb[104:120].hex()
+    uuid = f"{raw[:8]}-{raw[8:12]}-{raw[12:16]}-{raw[16:20]}-{raw[20:]}"
+    return sb[120:136].split(b"\0", 1)[0].decode(errors="replace"), uuid
+
+
+def find_root_disk(timeout: float = 30.0) -> tuple[str, str]:
+    """(device, UUID) of the ext4 disk labelled ROOT_DISK_LABEL, waiting for it to appear
+    (SCSI and virtio disks are probed asynchronously after their modules load)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for name in sorted(os.listdir("/sys/class/block")):
+            device = f"/dev/{name}"
+            try:
+                with open(device, "rb") as f:
+                    identity = ext4_identity(f.read(4096))
+            except OSError:
+                continue
+            if identity is not None and identity[0] == ROOT_DISK_LABEL:
+                return device, identity[1]
+        if time.monotonic() > deadline:
+            raise OSError(errno.ENODEV, f"no ext4 disk labelled {ROOT_DISK_LABEL}")
+        time.sleep(0.05)
+
+
+def open_serial(name: str) -> int:
+    """The UART ``name`` in raw mode: 8-bit clean, no echo, no line discipline, no flow control."""
+    fd = os.open(f"/dev/{name}", os.O_RDWR | os.O_NOCTTY)
+    attrs = termios.tcgetattr(fd)
+    attrs[0] = 0  # iflag: no ICRNL, IXON, ISTRIP, parity checks
+    attrs[1] = 0  # oflag: no OPOST (no NL -> CRNL)
+    attrs[2] = termios.CS8 | termios.CREAD | termios.CLOCAL  # 8N1, ignore modem lines
+    attrs[3] = 0  # lflag: no ECHO, ICANON, ISIG, IEXTEN
+    attrs[4] = attrs[5] = termios.B115200
+    attrs[6][termios.VMIN] = 1
+    attrs[6][termios.VTIME] = 0
+    termios.tcsetattr(fd, termios.TCSANOW, attrs)
+    termios.tcflush(fd, termios.TCIOFLUSH)
+    return fd
+
+
 class Channel:
     """The byte stream to the host, with a bounded queue of frames not yet written."""
 
@@ -419,6 +501,13 @@ class Channel:
         if self.mode.channel_fd is not None:
             self.fd = self.mode.channel_fd
             os.set_inheritable(self.fd, False)
+            self.connected = True
+        elif self.mode.serial:
+            # The host end is a TCP listener that takes this line as proof of who we are
+            # (backends/vsphere/transport.py); frames follow, exactly as over virtio.
+            token = self.mode.token or (find_root_disk()[1] if self.mode.root_disk else "")
+            self.fd = open_serial(self.mode.serial)
+            os.write(self.fd, SERIAL_PREAMBLE + token.encode() + b"\n")
             self.connected = True
         else:
             deadline = time.monotonic() + 5
@@ -1480,7 +1569,12 @@ def parse_args(argv: list[str]) -> Mode:
                 root = os.path.abspath(value)
         else:
             raise SystemExit(f"usage: agent [--fd N] [--root DIR] [--no-pid1] (bad {arg!r})")
-    return Mode(os.getpid() == 1 and not no_pid1, channel_fd, root)
+    pid1 = os.getpid() == 1 and not no_pid1
+    options: dict[str, str] = {}
+    if pid1:
+        with open("/proc/cmdline") as f:
+            options = kernel_options(f.read())
+    return Mode(pid1, channel_fd, root, options)
 
 
 def main(argv: list[str]) -> int:

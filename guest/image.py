@@ -77,6 +77,17 @@ KERNEL_MODULES: tuple[str, ...] = (
 # Loaded when the kernel has them, skipped silently otherwise: microvm's virtio transport and
 # the entropy device the backends attach.
 OPTIONAL_KERNEL_MODULES: tuple[str, ...] = ("virtio_mmio", "virtio_rng")
+# Loaded by /init only with `bonneville.root=disk` (the vSphere backend's ext4 root disk on
+# VMware's PVSCSI, as in the QEMU serial test; virtio-blk for QEMU): 9p boots pay nothing for them.
+# ext4 asks the crypto API for "crc32c" (metadata checksums); without modprobe in the guest
+# nothing would load it on demand, and the mount fails with ENOENT.
+DISK_KERNEL_MODULES: tuple[str, ...] = (
+    "virtio_blk",
+    "vmw_pvscsi",
+    "sd_mod",
+    "crc32c_generic",
+    "ext4",
+)
 
 # Stdlib modules the agent needs whether or not agent.py exists yet (it is imported on top of
 # these once it does): imports done lazily inside functions are only found through this list.
@@ -646,6 +657,7 @@ def compute_key(kernel: Kernel, package_dir: Path | None = None) -> tuple[str, d
         "init": hashlib.sha256(_init_script()).hexdigest(),
         "guest": {n: hashlib.sha256(d).hexdigest() for n, d in sources.items()},
         "modules": [*KERNEL_MODULES, *OPTIONAL_KERNEL_MODULES],
+        "disk_modules": list(DISK_KERNEL_MODULES),
         "imports": list(AGENT_BASELINE_IMPORTS),
         "kernel_args": list(KERNEL_ARGS),
         "compression": COMPRESSION,
@@ -852,7 +864,15 @@ def _add_kernel_modules(tree: Tree, kernel: Kernel) -> list[str]:
         tree.file(dest, strip_module_signature(read_module(str(mdir / rel))))
         installed.append("/" + dest)
     tree.file("etc/bonneville/modules", "".join(p + "\n" for p in installed).encode())
-    return [module_name(p) for p in installed]
+    disk: list[str] = []
+    for rel in resolve_modules(DISK_KERNEL_MODULES, deps, builtin):
+        if rel in order:
+            continue
+        dest = f"lib/modules/{kernel.release}/{_installed_module_name(rel)}"
+        tree.file(dest, strip_module_signature(read_module(str(mdir / rel))))
+        disk.append("/" + dest)
+    tree.file("etc/bonneville/modules-disk", "".join(p + "\n" for p in disk).encode())
+    return [module_name(p) for p in installed + disk]
 
 
 def _add_busybox(tree: Tree) -> None:

@@ -2,6 +2,7 @@
 # /init of every Bonneville guest (busybox sh, PID 1 until it execs the agent).
 # guest/image.py writes this file into the initramfs together with
 #   /etc/bonneville/modules          kernel modules to insmod, in dependency order
+#   /etc/bonneville/modules-disk     more of them, loaded with bonneville.root=disk only
 #   /etc/bonneville/python-modules   every Python module the agent needs (selftest imports them)
 # Rule: whatever fails, the VM powers off; it never hangs waiting for someone.
 
@@ -22,11 +23,16 @@ mkdir -p /dev/pts /dev/shm
 mount -t devpts -o nosuid,noexec,gid=5,mode=0620,ptmxmode=0666 devpts /dev/pts
 mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs /run || die "cannot mount /run"
 
-while read -r ko; do
-	insmod "$ko" || echo "bonneville-init: insmod $ko failed" >/dev/console
-done </etc/bonneville/modules
-
 read -r cmdline </proc/cmdline
+modules=/etc/bonneville/modules
+case " $cmdline " in
+*" bonneville.root=disk "*) modules="$modules /etc/bonneville/modules-disk" ;;
+esac
+# shellcheck disable=SC2086
+cat $modules | while read -r ko; do
+	insmod "$ko" || echo "bonneville-init: insmod $ko failed" >/dev/console
+done
+
 case " $cmdline " in
 *" bonneville.selftest=1 "*) ;;
 *)

@@ -104,6 +104,7 @@ class Monitor:
         self.sig_r, self.sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.memory_mib = 0  # the VM's RAM, fixed at launch
         self.t0 = time.monotonic()
+        self.runtime_netns_fd = -1
 
     # ---- process set-up -------------------------------------------------------------------
 
@@ -147,6 +148,9 @@ class Monitor:
 
     def _enter_namespaces(self) -> None:
         hostns.make_private_mount_namespace()
+        # Backends that talk to a remote server (vSphere) open their sockets back in the
+        # runtime's own network namespace, from a thread: kept before we leave it.
+        self.runtime_netns_fd = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         if self.spec.linux is None:
             return
         for ns in self.spec.linux.namespaces:
@@ -255,6 +259,7 @@ class Monitor:
             readonly_share=False,
             kernel_args=kernel_args,
             nics=tuple((i.tap, i.mac) for i in self.interfaces),
+            extra={"runtime_netns_fd": self.runtime_netns_fd},
         )
         self._mark("launching the VM")
         self.vm = self.backend.launch(vm_config)

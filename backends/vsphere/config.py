@@ -1,0 +1,153 @@
+"""vSphere settings: the `[vsphere]` table of the config file and `BONNEVILLE_VSPHERE_*`.
+
+The password is read from `$BONNEVILLE_VSPHERE_PASSWORD` or from the file `password_file` names
+(never from the config file itself, never from argv). It lives only in this object, whose repr
+hides it; nothing here writes it to a state file or a log.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from bonneville.shim import settings
+from bonneville.spec.errors import ConfigError
+
+SECTION = "vsphere"
+ENV_PREFIX = "BONNEVILLE_VSPHERE_"
+PASSWORD_ENV = ENV_PREFIX + "PASSWORD"
+
+
+def _env(key: str) -> str:
+    return ENV_PREFIX + key.upper()
+
+
+@dataclass(frozen=True)
+class VSphereSettings:
+    url: str  # https://vcenter.example/sdk (http only for vcsim, see tls below)
+    username: str
+    password: str = field(repr=False)
+    datacenter: str = ""  # empty: the only datacenter
+    cluster: str = ""  # a cluster's default resource pool, or
+    resource_pool: str = ""  # an inventory path under the datacenter's host folder
+    datastore: str = ""  # empty: the only datastore
+    folder: str = ""  # VM folder under the datacenter's vm folder; empty: its root
+    network: str = ""  # port group name; empty: no NIC
+    verify_tls: bool = True
+    ca_file: str = ""
+    # Where the monitor listens for the VM's network serial port, and the address the ESXi host
+    # is told to connect to (the runtime host as ESXi reaches it).
+    listen_host: str = "0.0.0.0"
+    advertise_host: str = ""
+    agent_timeout: float = 120.0  # power-on to the agent's connection
+    # "auto": instant clone when the server can, then linked clone, then full create.
+    clone_mode: str = "auto"
+    template_prefix: str = "bonneville-template"
+
+    @property
+    def host(self) -> str:
+        return urllib.parse.urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        parts = urllib.parse.urlsplit(self.url)
+        return parts.port or (443 if parts.scheme == "https" else 80)
+
+    @property
+    def scheme(self) -> str:
+        return urllib.parse.urlsplit(self.url).scheme
+
+    @property
+    def path(self) -> str:
+        return urllib.parse.urlsplit(self.url).path or "/sdk"
+
+
+CLONE_MODES = ("auto", "instant", "linked", "full")
+
+_STRINGS = (
+    "datacenter",
+    "cluster",
+    "resource_pool",
+    "datastore",
+    "folder",
+    "network",
+    "ca_file",
+    "listen_host",
+    "advertise_host",
+    "template_prefix",
+)
+
+
+def load(environ: Mapping[str, str] | None = None) -> VSphereSettings:
+    """The settings from the environment and the config file; ConfigError names what is wrong."""
+    environ = os.environ if environ is None else environ
+    where = settings.config_path(environ)
+
+    def get(key: str, default: str = "") -> str:
+        value = settings.get(SECTION, key, env=_env(key), default=default, environ=environ)
+        return str(value)
+
+    url = get("url")
+    if not url:
+        raise ConfigError(where, f"vsphere.url is not set (or ${_env('url')})")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ConfigError(where, f"vsphere.url {url!r} is not an http(s) URL")
+    if parts.username or parts.password:
+        raise ConfigError(where, "vsphere.url must not carry credentials: use username/password")
+    username = get("username")
+    if not username:
+        raise ConfigError(where, f"vsphere.username is not set (or ${_env('username')})")
+    password = _password(environ, where)
+    verify = settings.get_bool(
+        SECTION, "verify_tls", env=_env("verify_tls"), default=True, environ=environ
+    )
+    timeout_text = get("agent_timeout", "120")
+    try:
+        agent_timeout = float(timeout_text)
+    except ValueError as exc:
+        raise ConfigError(where, f"vsphere.agent_timeout {timeout_text!r} is not seconds") from exc
+    clone_mode = get("clone_mode", "auto")
+    if clone_mode not in CLONE_MODES:
+        raise ConfigError(where, f"vsphere.clone_mode must be one of {', '.join(CLONE_MODES)}")
+    values = {key: get(key) for key in _STRINGS}
+    values["listen_host"] = values["listen_host"] or "0.0.0.0"
+    values["template_prefix"] = values["template_prefix"] or "bonneville-template"
+    if values["ca_file"] and not os.path.isfile(values["ca_file"]):
+        raise ConfigError(where, f"vsphere.ca_file {values['ca_file']} does not exist")
+    return VSphereSettings(
+        url=url,
+        username=username,
+        password=password,
+        verify_tls=verify,
+        agent_timeout=agent_timeout,
+        clone_mode=clone_mode,
+        **values,
+    )
+
+
+def _password(environ: Mapping[str, str], where: str) -> str:
+    if environ.get(PASSWORD_ENV):
+        return environ[PASSWORD_ENV]
+    if settings.section(SECTION, environ).get("password") is not None:
+        raise ConfigError(
+            where,
+            "vsphere.password is not read from the config file: use "
+            f"password_file or ${PASSWORD_ENV}",
+        )
+    path = str(
+        settings.get(
+            SECTION, "password_file", env=_env("password_file"), default="", environ=environ
+        )
+    )
+    if not path:
+        raise ConfigError(
+            where, f"no vSphere password: set ${PASSWORD_ENV} or vsphere.password_file"
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read the vSphere password file: {exc.strerror}") from exc

@@ -1,0 +1,365 @@
+"""The vSphere backend's control plane against a real vcsim (govmomi's vCenter simulator).
+
+`bonneville --backend vsphere` runs as dockerd would run it; the VM it makes is inspected
+through the API (devices, annotation, extraConfig, files on the datastore, the uploaded root
+disk), and every way out — delete, agent never connecting, bad credentials, missing datastore or
+network, a VM powered off behind our back — must leave no VM and no file behind. vcsim runs
+nothing inside its VMs: integration/vsphere_env.py's StandInGuest plays the guest over the real
+TCP serial transport; integration/test_vsphere_serial.py boots the real guest in QEMU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bonneville.backends.vsphere import backend as vsb
+from bonneville.guest.agent import ROOT_DISK_LABEL, ext4_identity
+from conftest import Runtime, default_config, leftover_processes, write_bundle
+from integration.vsphere_env import (
+    StandInGuest,
+    Vcsim,
+    container_vm,
+    datastore_dir,
+    datastore_files,
+    leftovers,
+    reap_guests,
+    vcsim,
+    vms,
+)
+
+__all__ = ["vcsim"]  # the session fixture, imported so pytest finds it here
+
+
+def write_config(path: Path, vc: Vcsim, **overrides: Any) -> Path:
+    password_file = path.parent / "vsphere-password"
+    password_file.write_text(overrides.pop("password", vc.password) + "\n")
+    password_file.chmod(0o600)
+    values: dict[str, Any] = {
+        "url": vc.url,
+        "username": vc.username,
+        "password_file": str(password_file),
+        "listen_host": "127.0.0.1",
+        "advertise_host": "127.0.0.1",
+        "agent_timeout": 60,
+    }
+    values.update(overrides)
+    lines = ["[vsphere]"]
+    for key, value in values.items():
+        lines.append(f"{key} = {json.dumps(value)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def runtime(tmp_path: Path, vcsim: Vcsim, monkeypatch: pytest.MonkeyPatch) -> Iterator[Runtime]:
+    monkeypatch.setenv("BONNEVILLE_CONFIG", str(write_config(tmp_path / "config.toml", vcsim)))
+    rt = Runtime(tmp_path / "root", "vsphere")
+    yield rt
+    rt.cleanup()
+    reap_guests()
+    assert leftover_processes(str(rt.root)) == []
+    assert leftovers(vcsim) == ([], [])
+
+
+def make_bundle(tmp_path: Path, args: list[str]) -> Path:
+    config = default_config(args)
+    linux = config["linux"]
+    assert isinstance(linux, dict)
+    linux["resources"] = {
+        "memory": {"limit": 384 << 20},
+        "cpu": {"quota": 200000, "period": 100000},
+    }
+    return write_bundle(tmp_path / "bundle", config)
+
+
+def wait_status(rt: Runtime, cid: str, wanted: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while (status := rt.state(cid)["status"]) != wanted:
+        assert time.monotonic() < deadline, f"{cid} still {status}, wanted {wanted}"
+        time.sleep(0.1)
+
+
+def test_create_makes_the_vm_from_the_template_start_runs_delete_removes_all(
+    runtime: Runtime, vcsim: Vcsim, tmp_path: Path
+) -> None:
+    bundle = make_bundle(tmp_path, ["sh", "-c", "echo ran > /ran; sleep 30"])
+    rootfs = bundle / "rootfs"
+    with StandInGuest(vcsim, "c1", rootfs) as guest:
+        runtime("create", "--bundle", str(bundle), "c1", check=True)
+    assert guest.error is None, guest.error
+    assert runtime.state("c1")["status"] == "created"
+
+    with vsb.session(vcsim.settings()) as si:
+        vm = container_vm(si, "c1")
+        assert vm is not None and str(vm.runtime.powerState) == "poweredOn"
+        assert vm.config.hardware.numCPU == 2
+        assert vm.config.hardware.memoryMB == 384
+        assert "Bonneville container c1" in vm.config.annotation
+        extra = {o.key: str(o.value) for o in vm.config.extraConfig}
+        token = extra["guestinfo.bonneville.token"]
+        assert extra["bonneville.role"] == "container"
+        assert extra["guestinfo.bonneville.channel"].startswith("tcp://127.0.0.1:")
+        devices = {type(d).__name__.rsplit(".", 1)[-1]: d for d in vm.config.hardware.device}
+        cdrom = devices["VirtualCdrom"]
+        assert cdrom.backing.fileName.startswith("[LocalDS_0] bonneville/boot-")
+        folder = vm.config.files.vmPathName.rsplit("/", 1)[0]
+        disk = devices["VirtualDisk"]
+        assert disk.backing.fileName == f"{folder}/root.vmdk"
+        assert devices["ParaVirtualSCSIController"].key == disk.controllerKey
+        ports = sorted(
+            (d for d in vm.config.hardware.device if "SerialPort" in type(d).__name__),
+            key=lambda d: d.unitNumber,
+        )
+        assert [p.unitNumber for p in ports] == [0, 1]
+        assert ports[0].backing.fileName == f"{folder}/console.log"
+        assert ports[1].backing.serviceURI == extra["guestinfo.bonneville.channel"]
+        assert ports[1].backing.direction == "client"
+        vm_name = vm.name
+        vm_moref = vm._moId
+
+    # The root disk on the datastore is the ext4 image the guest mounts: label and UUID (the
+    # token) as the agent reads them, the bundle's files in it.
+    files = datastore_files(vcsim)
+    assert f"{vm_name}/root.vmdk" in files and f"{vm_name}/root-flat.vmdk" in files
+    flat = datastore_dir(vcsim) / vm_name / "root-flat.vmdk"
+    with open(flat, "rb") as f:
+        assert ext4_identity(f.read(4096)) == (ROOT_DISK_LABEL, token)
+    descriptor = (datastore_dir(vcsim) / vm_name / "root.vmdk").read_text()
+    assert f'RW {flat.stat().st_size // 512} VMFS "root-flat.vmdk"' in descriptor
+
+    # Nothing secret in the state directory or its logs.
+    for path in (runtime.root / "c1").rglob("*"):
+        if path.is_file():
+            assert vcsim.password.encode() not in path.read_bytes(), path
+    private = json.loads((runtime.root / "c1" / "state.json").read_text())["backend_state"]
+    assert private == {
+        "vm": vm_moref,
+        "name": vm_name,
+        "datacenter": "DC0",
+        "datastore": "LocalDS_0",
+        "folder": vm_name,
+        "clone": "linked clone",  # vcsim speaks API 6.5: no InstantClone, so the fallback
+    }
+    monitor_log = (runtime.root / "c1" / "monitor.log").read_text()
+    assert "has no InstantClone (needs 6.7): skipping it" in monitor_log
+    assert f"VM {vm_name} made by linked clone of bonneville-template-" in monitor_log
+
+    runtime("start", "c1", check=True)
+    deadline = time.monotonic() + 30
+    while not (rootfs / "ran").exists():
+        assert time.monotonic() < deadline, "the container's process never ran"
+        time.sleep(0.1)
+    assert runtime.state("c1")["status"] == "running"
+    runtime("kill", "c1", "KILL", check=True)
+    wait_status(runtime, "c1", "stopped")
+    runtime("delete", "c1", check=True)
+    assert leftovers(vcsim) == ([], [])
+    assert not (runtime.root / "c1").exists()
+
+
+def test_run_relays_output_and_leaves_nothing(
+    runtime: Runtime, vcsim: Vcsim, tmp_path: Path
+) -> None:
+    bundle = make_bundle(tmp_path, ["sh", "-c", "echo out; echo err >&2; exit 3"])
+    with StandInGuest(vcsim, "r1", bundle / "rootfs") as guest:
+        result = runtime("run", "--bundle", str(bundle), "r1")
+    assert guest.error is None, guest.error
+    assert (result.returncode, result.stdout, result.stderr) == (3, b"out\n", b"err\n")
+    assert not (runtime.root / "r1").exists()
+    assert leftovers(vcsim) == ([], [])
+
+
+def test_the_iso_is_uploaded_once_and_replaced_when_broken(
+    runtime: Runtime, vcsim: Vcsim, tmp_path: Path
+) -> None:
+    bundle = make_bundle(tmp_path, ["true"])
+    with StandInGuest(vcsim, "i1", bundle / "rootfs"):
+        runtime("create", "--bundle", str(bundle), "i1", check=True)
+    runtime("delete", "--force", "i1", check=True)
+    isos = list((datastore_dir(vcsim) / "bonneville").glob("boot-*.iso"))
+    assert len(isos) == 1
+    iso = isos[0]
+    first = iso.stat()
+    with StandInGuest(vcsim, "i2", bundle / "rootfs"):
+        runtime("create", "--bundle", str(bundle), "i2", check=True)
+    runtime("delete", "--force", "i2", check=True)
+    assert iso.stat().st_mtime_ns == first.st_mtime_ns, "an unchanged ISO was uploaded again"
+    # A broken upload (another size) is replaced on the next create.
+    with open(iso, "r+b") as f:
+        f.truncate(4096)
+    with StandInGuest(vcsim, "i3", bundle / "rootfs"):
+        runtime("create", "--bundle", str(bundle), "i3", check=True)
+    runtime("delete", "--force", "i3", check=True)
+    assert iso.stat().st_size == first.st_size
+
+
+def test_agent_that_never_connects_fails_create_and_leaves_nothing(
+    runtime: Runtime, vcsim: Vcsim, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BONNEVILLE_VSPHERE_AGENT_TIMEOUT", "3")
+    bundle = make_bundle(tmp_path, ["true"])
+    result = runtime("create", "--bundle", str(bundle), "n1")
+    assert result.returncode == 1
+    assert b"did not connect" in result.stderr, result.stderr
+    assert not (runtime.root / "n1").exists()
+    assert leftovers(vcsim) == ([], [])
+
+
+def test_a_wrong_token_is_refused(
+    runtime: Runtime, vcsim: Vcsim, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BONNEVILLE_VSPHERE_AGENT_TIMEOUT", "5")
+    bundle = make_bundle(tmp_path, ["true"])
+    with StandInGuest(vcsim, "t1", bundle / "rootfs", token="0" * 36):
+        result = runtime("create", "--bundle", str(bundle), "t1")
+    assert result.returncode == 1
+    assert b"connections without its token: 127.0.0.1" in result.stderr, result.stderr
+    assert leftovers(vcsim) == ([], [])
+
+
+def test_vm_powered_off_behind_our_back_stops_the_container(
+    runtime: Runtime, vcsim: Vcsim, tmp_path: Path
+) -> None:
+    bundle = make_bundle(tmp_path, ["sleep", "60"])
+    with StandInGuest(vcsim, "p1", bundle / "rootfs"):
+        runtime("create", "--bundle", str(bundle), "p1", check=True)
+    runtime("start", "p1", check=True)
+    with vsb.session(vcsim.settings()) as si:
+        vm = container_vm(si, "p1")
+        vsb.wait_task(vm.PowerOffVM_Task(), "power off")
+    wait_status(runtime, "p1", "stopped")
+    runtime("delete", "p1", check=True)
+    assert leftovers(vcsim) == ([], [])
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("password", "wrong", b"incorrect user name or password"),
+        ("datastore", "NoSuchDS", b"datastore 'NoSuchDS' not found in datacenter DC0"),
+        ("network", "NoSuchNet", b"network 'NoSuchNet' not found in datacenter DC0"),
+        ("datacenter", "DC9", b"datacenter 'DC9' not found in the inventory"),
+        ("cluster", "C9", b"cluster 'C9' not found in datacenter DC0"),
+    ],
+)
+def test_bad_settings_fail_create_with_one_clear_line(
+    runtime: Runtime,
+    vcsim: Vcsim,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    setting: str,
+    value: str,
+    message: bytes,
+) -> None:
+    config = write_config(tmp_path / "bad.toml", vcsim, **{setting: value})
+    monkeypatch.setenv("BONNEVILLE_CONFIG", str(config))
+    bundle = make_bundle(tmp_path, ["true"])
+    result = runtime("create", "--bundle", str(bundle), "b1")
+    assert result.returncode == 1
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and message.decode() in lines[0], result.stderr
+    assert vcsim.password.encode() not in result.stderr
+    assert not (runtime.root / "b1").exists()
+    assert leftovers(vcsim) == ([], [])
+
+
+def test_clone_mode_full_and_instant_on_a_server_without_it(
+    runtime: Runtime, vcsim: Vcsim, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = make_bundle(tmp_path, ["true"])
+    monkeypatch.setenv("BONNEVILLE_VSPHERE_CLONE_MODE", "full")
+    with StandInGuest(vcsim, "f1", bundle / "rootfs"):
+        runtime("create", "--bundle", str(bundle), "f1", check=True)
+    state = json.loads((runtime.root / "f1" / "state.json").read_text())
+    assert state["backend_state"]["clone"] == "full clone"
+    runtime("delete", "--force", "f1", check=True)
+    assert leftovers(vcsim) == ([], [])
+
+    monkeypatch.setenv("BONNEVILLE_VSPHERE_CLONE_MODE", "instant")
+    result = runtime("create", "--bundle", str(bundle), "f2")
+    assert result.returncode == 1
+    assert b"clone_mode=instant needs vSphere API 6.7+, the server speaks 6.5" in result.stderr
+    assert not (runtime.root / "f2").exists()
+    assert leftovers(vcsim) == ([], [])
+
+
+def test_the_template_is_made_once_with_its_snapshot(
+    runtime: Runtime, vcsim: Vcsim, tmp_path: Path
+) -> None:
+    bundle = make_bundle(tmp_path, ["true"])
+    for cid in ("s1", "s2"):
+        with StandInGuest(vcsim, cid, bundle / "rootfs"):
+            runtime("create", "--bundle", str(bundle), cid, check=True)
+    with vsb.session(vcsim.settings()) as si:
+        templates = [vm for name, vm in vms(si).items() if name.startswith("bonneville-template-")]
+        assert len(templates) == 1
+        template = templates[0]
+        assert [n.name for n in template.snapshot.rootSnapshotList] == ["bonneville-base"]
+        assert str(template.runtime.powerState) == "poweredOff"  # no instant clones here
+        devices = [type(d).__name__.rsplit(".", 1)[-1] for d in template.config.hardware.device]
+        assert "VirtualCdrom" in devices and "ParaVirtualSCSIController" in devices
+        assert "VirtualDisk" not in devices  # each container brings its own root disk
+    for cid in ("s1", "s2"):
+        runtime("delete", "--force", cid, check=True)
+
+
+def test_instant_clone_refused_by_the_server_falls_back_to_a_linked_clone(
+    vcsim: Vcsim, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, busybox_rootfs: Path
+) -> None:
+    """vcsim speaks API 6.5; claiming 6.7 makes `auto` call InstantClone_Task for real, and
+    the server's own fault (MethodNotFound) must send the backend down the chain."""
+    from bonneville.backends.base import VMConfig
+    from bonneville.guest.image import ensure_image
+
+    monkeypatch.setattr(vsb, "api_version", lambda si: (6, 7))
+    image = ensure_image()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    backend = vsb.VSphereBackend(vcsim.settings(agent_timeout=60))
+    config = VMConfig(
+        container_id="ic1",
+        memory_mib=256,
+        vcpus=1,
+        share_dir=str(busybox_rootfs),
+        run_dir=str(run_dir),
+        kernel=image.kernel,
+        initrd=image.initrd,
+        kernel_args=image.kernel_args,
+    )
+    with StandInGuest(vcsim, "ic1", busybox_rootfs):
+        vm = backend.launch(config)
+    try:
+        assert vm.private_state()["clone"] == "linked clone"
+        with vsb.session(vcsim.settings()) as si:
+            template = next(v for n, v in vms(si).items() if n.startswith("bonneville-template-"))
+            # The instant path needs a running source: the template was powered on for it.
+            assert str(template.runtime.powerState) == "poweredOn"
+            vsb.wait_task(template.PowerOffVM_Task(), "powering the template off again")
+    finally:
+        vm.stop()
+        reap_guests()
+    assert leftovers(vcsim) == ([], [])
+    assert sorted(os.listdir(run_dir)) == []  # the local disk image went after its upload
+
+
+def test_delete_after_the_monitor_died_destroys_the_vm_through_the_api(
+    runtime: Runtime, vcsim: Vcsim, tmp_path: Path
+) -> None:
+    bundle = make_bundle(tmp_path, ["sleep", "60"])
+    with StandInGuest(vcsim, "k1", bundle / "rootfs"):
+        runtime("create", "--bundle", str(bundle), "k1", check=True)
+    monitor = int(str(runtime.state("k1")["pid"]))
+    os.kill(monitor, signal.SIGKILL)
+    wait_status(runtime, "k1", "stopped")
+    with vsb.session(vcsim.settings()) as si:
+        assert container_vm(si, "k1") is not None  # nobody has cleaned up yet
+    runtime("delete", "k1", check=True)  # backend.destroy(private state) from the CLI
+    assert leftovers(vcsim) == ([], [])
