@@ -364,6 +364,7 @@ class Monitor:
         if self.vm is not None:
             with contextlib.suppress(Exception):
                 self.vm.stop(timeout=2.0)
+            self._mark("VM stopped")
         if self.control is not None:
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(self.cfg.state_dir, state.SOCKET_FILE))
@@ -412,6 +413,7 @@ class Monitor:
                     session.send(protocol.encode_control(message))
                     self._end_session(session, kill=False)
                 elif op == "exit" and message.get("id") == protocol.INIT_STREAM:
+                    self._mark("the container's process exited")
                     self._finish(
                         int(message.get("status", VM_KILLED_STATUS)), message.get("signal")
                     )
@@ -550,9 +552,11 @@ class Monitor:
             reply({"ok": False, "error": "container already started"})
             return
         process = self.cfg.bundle.raw.get("process") or {}
+        self._mark("start requested")
 
         def started(result: dict[str, Any]) -> None:
             if result.get("ok"):
+                self._mark("the container's process runs")
                 self.started = True
                 self._start_stdin()
                 self._send_window_size()
