@@ -31,12 +31,35 @@ COMMIT = "28f43fa"
 UPSTREAM = "https://github.com/opencontainers/runtime-tools"
 # Tests that exercise features a runc-compatible runtime on cgroup v1 must have; the cgroup
 # tests are run too, they are just not part of the lifecycle set the issue names.
-LIFECYCLE = (
-    "create start state kill kill_no_effect killsig delete pidfile hooks hooks_stdin prestart"
-    " prestart_fail poststart poststart_fail poststop poststop_fail misc_props process"
-    " process_user hostname mounts root_readonly_true linux_masked_paths linux_readonly_paths"
-    " process_rlimits process_rlimits_fail default"
-).split()
+LIFECYCLE = [
+    "create",
+    "start",
+    "state",
+    "kill",
+    "kill_no_effect",
+    "killsig",
+    "delete",
+    "pidfile",
+    "hooks",
+    "hooks_stdin",
+    "prestart",
+    "prestart_fail",
+    "poststart",
+    "poststart_fail",
+    "poststop",
+    "poststop_fail",
+    "misc_props",
+    "process",
+    "process_user",
+    "hostname",
+    "mounts",
+    "root_readonly_true",
+    "linux_masked_paths",
+    "linux_readonly_paths",
+    "process_rlimits",
+    "process_rlimits_fail",
+    "default",
+]
 
 
 @dataclass
@@ -89,9 +112,7 @@ def build(src: str) -> None:
 def tests_in(src: str) -> list[str]:
     root = os.path.join(src, "validation")
     return sorted(
-        name
-        for name in os.listdir(root)
-        if os.path.exists(os.path.join(root, name, name + ".t"))
+        name for name in os.listdir(root) if os.path.exists(os.path.join(root, name, name + ".t"))
     )
 
 
