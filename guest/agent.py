@@ -242,7 +242,13 @@ def write_file(path: str, text: str) -> None:
 
 def remount_readonly(path: str, extra: int = MS_RDONLY) -> None:
     """Make the mount at ``path`` read-only (or add ``extra`` flags), keeping its other flags."""
-    kept = os.statvfs(path).f_flag & KEPT_ON_REMOUNT
+    try:
+        flags = os.statvfs(path).f_flag
+    except PermissionError:
+        # statfs of a device node over 9p makes QEMU open the node, which the host's nodev
+        # share refuses: a bind of the path onto itself carries its parent mount's flags.
+        flags = os.statvfs(os.path.dirname(path.rstrip("/")) or "/").f_flag
+    kept = flags & KEPT_ON_REMOUNT
     mount(None, path, None, MS_BIND | MS_REMOUNT | kept | extra)
 
 
