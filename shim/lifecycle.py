@@ -363,6 +363,8 @@ def kill(ctx: Context, container_id: str, signum: int, all_processes: bool = Fal
         status = refresh(ctx, st)
         if not status.can_kill:
             raise InvalidState("container not running", status.value)
+        if signum == 0:
+            return  # kill(2)'s signal 0: the check above is all it asks for
         request = {"op": "signal", "signal": signum, "all": all_processes}
         try:
             if signum == signal.SIGKILL:

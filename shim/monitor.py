@@ -94,6 +94,7 @@ class Monitor:
         self.selector: selectors.BaseSelector = selectors.SelectSelector()
         self.control: socket.socket | None = None
         self.started = False
+        self.paused = False
         self.exit_status: int | None = None
         self.terminal = bool(self.spec.process and self.spec.process.terminal)
         self.console_fd = -1  # our side of the container's console (pty slave or caller's tty)
@@ -519,9 +520,11 @@ class Monitor:
             reply({"ok": True})
         elif op == "pause":
             self.vm.pause()
+            self.paused = True
             reply({"ok": True})
         elif op == "resume":
             self.vm.resume()
+            self.paused = False
             reply({"ok": True})
         elif op == "ps":
             self.agent.request("ps", lambda r: reply(r))
@@ -556,6 +559,19 @@ class Monitor:
                 return
             # The process never ran: the signal's default action ends the container.
             self._finish(128 + signum, signum)
+            reply({"ok": True})
+            return
+        if self.paused and signum == signal.SIGKILL:
+            # As runc thaws a frozen cgroup for SIGKILL: the VM must run to die.
+            assert self.vm is not None
+            self.vm.resume()
+            self.paused = False
+        if self.paused:
+            # A paused guest cannot answer: the signal waits in the channel and is delivered on
+            # resume, as a frozen process gets it when thawed (runc's kill returns at once too).
+            self.agent.request(
+                "signal", lambda _r: None, id=protocol.INIT_STREAM, signal=signum, all=all_processes
+            )
             reply({"ok": True})
             return
         self.agent.request(

@@ -27,6 +27,7 @@ def test_fifty_parallel_commands_on_one_container(runtime: Runtime, tmp_path: Pa
     runtime("start", "c1", check=True)
     commands = [
         ["state", "c1"],
+        ["kill", "c1", "0"],
         ["kill", "c1", "URG"],
         ["pause", "c1"],
         ["resume", "c1"],
@@ -86,3 +87,15 @@ def test_parallel_creates_of_one_id_make_exactly_one(runtime: Runtime, tmp_path:
     assert all(b"exists" in r.stderr for r in results if r.returncode)
     assert runtime.state("same")["status"] == "created"
     runtime("delete", "same", check=True)
+
+
+def test_fast_exec_never_loses_its_status(runtime: Runtime, tmp_path: Path) -> None:
+    """`true` may end before its proxy has sent stdin's EOF: the monitor has closed the
+    session by then, and the exit status must still be the process's (it was a Broken pipe)."""
+    bundle = write_bundle(tmp_path / "bundle", default_config(["sleep", "1000"]))
+    runtime("create", "--bundle", str(bundle), "c1", check=True)
+    runtime("start", "c1", check=True)
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        results = list(pool.map(lambda _: runtime("exec", "c1", "true", timeout=120), range(30)))
+    assert [(r.returncode, r.stderr) for r in results] == [(0, b"")] * 30
+    runtime("delete", "--force", "c1", check=True)
