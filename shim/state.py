@@ -82,7 +82,7 @@ class ContainerState:
         """The state from its JSON; ValueError if it is not what ``to_json`` wrote."""
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
-        values = {}
+        values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             if f.name not in data:
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
