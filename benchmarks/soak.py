@@ -96,8 +96,9 @@ def snapshot(base: Path, clone_glob: str) -> dict[str, int]:
 
 
 class Dockerd:
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, runtime: str) -> None:
         self.base = base
+        self.runtime = runtime
         self.sock = base / "docker.sock"
         subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True, check=False)
         subprocess.run(["ip", "link", "add", BRIDGE, "type", "bridge"], check=True)
@@ -143,7 +144,7 @@ class Dockerd:
 
     def run_one(self) -> tuple[float, str]:
         started = time.monotonic()
-        result = self.docker("run", "--rm", "--runtime", "bonneville", IMAGE, "true")
+        result = self.docker("run", "--rm", "--runtime", self.runtime, IMAGE, "true")
         error = "" if result.returncode == 0 else result.stderr.decode(errors="replace").strip()
         return time.monotonic() - started, error
 
@@ -180,12 +181,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sequential", type=int, default=200)
     parser.add_argument("--concurrent", type=int, default=50)
+    parser.add_argument("--runtime", default="bonneville", help="runc gives a baseline")
     parser.add_argument("--clone-glob", default="", help="files a clone leaves if it leaks")
     args = parser.parse_args()
     lock = open(LOCK, "w")  # noqa: SIM115
     fcntl.flock(lock, fcntl.LOCK_EX)
     base = Path(tempfile.mkdtemp(prefix="bvsoak-", dir="/tmp"))
-    daemon = Dockerd(base)
+    daemon = Dockerd(base, args.runtime)
     failures: list[str] = []
     try:
         # Warm-up, alone and in parallel: the image cache and the daemons' lazily opened
