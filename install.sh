@@ -13,7 +13,8 @@ export DEBIAN_FRONTEND=noninteractive
 PACKAGES="python3 python3-venv python3-dev gcc
     qemu-system-x86 qemu-utils linux-image-amd64 busybox-static
     kmod cpio xz-utils iproute2 procps ca-certificates tar
-    docker.io containerd runc iptables"
+    docker.io containerd runc iptables
+    golang-go git util-linux"
 # Only what is missing: a machine that has everything installs nothing (and needs no network).
 missing=""
 for p in $PACKAGES; do
