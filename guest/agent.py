@@ -259,7 +259,14 @@ def write_file(path: str, text: str) -> None:
 
 def remount_readonly(path: str, extra: int = MS_RDONLY) -> None:
     """Make the mount at ``path`` read-only (or add ``extra`` flags), keeping its other flags."""
-    kept = os.statvfs(path).f_flag & KEPT_ON_REMOUNT
+    try:
+        flags = os.statvfs(path).f_flag
+    except OSError:
+        # statfs of a device node over 9p makes QEMU open the node on the host, which the
+        # nodev share refuses (EACCES) or no driver backs (ENXIO): a bind of the path onto
+        # itself carries its parent mount's flags.
+        flags = os.statvfs(os.path.dirname(path.rstrip("/")) or "/").f_flag
+    kept = flags & KEPT_ON_REMOUNT
     mount(None, path, None, MS_BIND | MS_REMOUNT | kept | extra)
 
 

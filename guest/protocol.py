@@ -135,8 +135,9 @@ def decode_control(payload: bytes) -> dict[str, Any]:
     """The JSON object of a control frame; anything else is a ProtocolError."""
     try:
         message = json.loads(payload)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(f"control frame is not JSON: {exc}") from exc
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # RecursionError: a megabyte of nested brackets must be an error, not a crash.
+        raise ProtocolError(f"control frame is not JSON: {type(exc).__name__}") from exc
     if not isinstance(message, dict) or not isinstance(message.get("op"), str):
         raise ProtocolError("control frame is not an object with an 'op'")
     return message

@@ -72,7 +72,11 @@ class AgentConnection:
             raise AgentError(f"agent protocol error: {exc}") from exc
         for ftype, stream, payload in decoded:
             if ftype == protocol.CONTROL:
-                message = protocol.decode_control(payload)
+                try:
+                    message = protocol.decode_control(payload)
+                except protocol.ProtocolError as exc:
+                    self.closed = True
+                    raise AgentError(f"agent protocol error: {exc}") from exc
                 if message.get("op") == "reply" and isinstance(message.get("req"), int):
                     callback = self._pending.pop(message["req"], None)
                     if callback is not None:

@@ -141,8 +141,13 @@ class ExecProxy:
             return True
         except OSError:
             data = b""
-        for frame in protocol.encode_data(protocol.STDIN, 0, data):
-            self.conn.sendall(frame)
+        try:
+            for frame in protocol.encode_data(protocol.STDIN, 0, data):
+                self.conn.sendall(frame)
+        except (BrokenPipeError, ConnectionResetError):
+            # The process already ended and the monitor closed its side after sending the
+            # exit: its status is still waiting in our receive buffer. Input has nowhere to go.
+            return False
         return bool(data)
 
     def _handle(self, frames: list[tuple[int, int, bytes]], out_fd: int) -> int | None:

@@ -30,6 +30,7 @@ DEFAULT_BACKEND = "qemu"
 # Hang guards only: a cold boot under TCG on a loaded host can take tens of seconds.
 CREATE_TIMEOUT = 300.0
 MONITOR_EXIT_TIMEOUT = 15.0
+KILL_TIMEOUT = 5.0  # for the guest to confirm a SIGKILL before its monitor is killed instead
 
 
 @dataclass
@@ -63,8 +64,13 @@ def refresh(ctx: Context, st: ContainerState) -> Status:
         return Status.STOPPED
     if st.backend_state:
         from bonneville.backends.base import get_backend
+        from bonneville.spec.errors import BackendError
 
-        if not get_backend(st.backend).alive(st.backend_state):
+        try:
+            vm_alive = get_backend(st.backend).alive(st.backend_state)
+        except BackendError:
+            vm_alive = True  # a backend we cannot load here: the monitor's life decides
+        if not vm_alive:
             return Status.STOPPED
     if st.paused:
         return Status.PAUSED
@@ -357,8 +363,15 @@ def kill(ctx: Context, container_id: str, signum: int, all_processes: bool = Fal
         status = refresh(ctx, st)
         if not status.can_kill:
             raise InvalidState("container not running", status.value)
+        if signum == 0:
+            return  # kill(2)'s signal 0: the check above is all it asks for
+        request = {"op": "signal", "signal": signum, "all": all_processes}
         try:
-            _monitor_call(ctx, st, {"op": "signal", "signal": signum, "all": all_processes})
+            if signum == signal.SIGKILL:
+                # A guest that does not confirm soon gets the same end through its monitor.
+                unixsock.call(ctx.store.path(st.id, state.SOCKET_FILE), request, KILL_TIMEOUT)
+            else:
+                _monitor_call(ctx, st, request)
         except BonnevilleError:
             if signum != signal.SIGKILL:
                 raise
@@ -417,6 +430,14 @@ def _delete_locked(ctx: Context, container_id: str, force: bool) -> None:
         # A directory without a state file: a create that died before writing it.
         ctx.store.remove(container_id)
         return
+    except BonnevilleError as exc:
+        # A damaged state file names no process we could trust; a monitor still serving its
+        # socket is asked to end the VM, then the entry goes.
+        log.warning("deleting damaged container %s: %s", container_id, exc)
+        with contextlib.suppress(BonnevilleError):
+            unixsock.call(ctx.store.path(container_id, state.SOCKET_FILE), {"op": "destroy"}, 5)
+        ctx.store.remove(container_id)
+        return
     status = refresh(ctx, st)
     if status in (Status.RUNNING, Status.PAUSED, Status.CREATING) and not force:
         raise InvalidState(
@@ -431,7 +452,7 @@ def _delete_locked(ctx: Context, container_id: str, force: bool) -> None:
 
 
 def container_state(ctx: Context, container_id: str) -> dict[str, Any]:
-    with ctx.store.lock(container_id, exclusive=False):
+    with ctx.store.lock(container_id, exclusive=False, wait=False):
         st = ctx.store.load(container_id)
         return state_json(st, refresh(ctx, st))
 

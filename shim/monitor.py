@@ -36,6 +36,10 @@ log = logging.getLogger("bonneville.monitor")
 AGENT_BOOT_TIMEOUT = 120.0  # a hang guard for cold boots under TCG on a loaded host
 AGENT_CALL_TIMEOUT = 60.0
 VM_KILLED_STATUS = 137  # the VM died under the container: report it as SIGKILL, like runc
+# The agent's log lines reach monitor.log at most this fast, each cut to this length.
+AGENT_LOG_LINES = 100
+AGENT_LOG_WINDOW = 10.0
+AGENT_LOG_LINE_CHARS = 2000
 
 
 @dataclass
@@ -90,6 +94,7 @@ class Monitor:
         self.selector: selectors.BaseSelector = selectors.SelectSelector()
         self.control: socket.socket | None = None
         self.started = False
+        self.paused = False
         self.exit_status: int | None = None
         self.terminal = bool(self.spec.process and self.spec.process.terminal)
         self.console_fd = -1  # our side of the container's console (pty slave or caller's tty)
@@ -105,6 +110,9 @@ class Monitor:
         self.memory_mib = 0  # the VM's RAM, fixed at launch
         self.t0 = time.monotonic()
         self.runtime_netns_fd = -1
+        self.log_window_start = time.monotonic()
+        self.log_lines = 0
+        self.log_dropped = 0
 
     # ---- process set-up -------------------------------------------------------------------
 
@@ -335,7 +343,7 @@ class Monitor:
         sel.register(self.control, selectors.EVENT_READ, "control")
         sel.register(self.sig_r, selectors.EVENT_READ, "signal")
         sel.register(self.vm.exit_fd(), selectors.EVENT_READ, "vm")
-        self._handle_frames(self.agent.take_backlog())
+        self._on_agent(backlog=True)
         while self.exit_status is None:
             for key, _ in sel.select():
                 what = key.data
@@ -382,15 +390,18 @@ class Monitor:
 
     # ---- agent ----------------------------------------------------------------------------
 
-    def _on_agent(self) -> None:
+    def _on_agent(self, backlog: bool = False) -> None:
         assert self.agent is not None
         try:
-            frames = self.agent.receive()
-        except BonnevilleError as exc:
-            log.error("%s", exc)
-            self._finish(VM_KILLED_STATUS)
+            self._handle_frames(self.agent.take_backlog() if backlog else self.agent.receive())
+        except (BonnevilleError, protocol.ProtocolError, ValueError, TypeError) as exc:
+            # The guest is not trusted: a frame we cannot make sense of means its agent is
+            # broken or subverted. End the container as if the VM had died; never crash.
+            log.error("agent channel: %s: stopping the container", exc)
+            self.agent.closed = True
+            if self.exit_status is None:
+                self._finish(VM_KILLED_STATUS)
             return
-        self._handle_frames(frames)
         if self.agent.closed and self.exit_status is None:
             log.error("the agent closed its channel")
             self._finish(VM_KILLED_STATUS)
@@ -418,7 +429,20 @@ class Monitor:
                         int(message.get("status", VM_KILLED_STATUS)), message.get("signal")
                     )
                 elif op == "log":
-                    log.info("agent: %s", message.get("msg"))
+                    self._agent_log(message.get("msg"))
+
+    def _agent_log(self, msg: object) -> None:
+        """The agent's diagnostics, bounded: a guest must not fill the host's disk with them."""
+        now = time.monotonic()
+        if now - self.log_window_start >= AGENT_LOG_WINDOW:
+            if self.log_dropped:
+                log.warning("agent: %d more lines dropped", self.log_dropped)
+            self.log_window_start, self.log_lines, self.log_dropped = now, 0, 0
+        if self.log_lines >= AGENT_LOG_LINES:
+            self.log_dropped += 1
+            return
+        self.log_lines += 1
+        log.info("agent: %s", str(msg)[:AGENT_LOG_LINE_CHARS])
 
     @property
     def _pty_relay(self) -> bool:
@@ -529,9 +553,11 @@ class Monitor:
             reply({"ok": True})
         elif op == "pause":
             self.vm.pause()
+            self.paused = True
             reply({"ok": True})
         elif op == "resume":
             self.vm.resume()
+            self.paused = False
             reply({"ok": True})
         elif op == "ps":
             self.agent.request("ps", lambda r: reply(r))
@@ -576,6 +602,19 @@ class Monitor:
                 return
             # The process never ran: the signal's default action ends the container.
             self._finish(128 + signum, signum)
+            reply({"ok": True})
+            return
+        if self.paused and signum == signal.SIGKILL:
+            # As runc thaws a frozen cgroup for SIGKILL: the VM must run to die.
+            assert self.vm is not None
+            self.vm.resume()
+            self.paused = False
+        if self.paused:
+            # A paused guest cannot answer: the signal waits in the channel and is delivered on
+            # resume, as a frozen process gets it when thawed (runc's kill returns at once too).
+            self.agent.request(
+                "signal", lambda _r: None, id=protocol.INIT_STREAM, signal=signum, all=all_processes
+            )
             reply({"ok": True})
             return
         self.agent.request(

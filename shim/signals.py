@@ -16,7 +16,7 @@ def parse_signal(text: str) -> int:
     value = text.strip()
     if value.isdigit():
         number = int(value)
-        if 0 < number < signal.NSIG:
+        if 0 <= number < signal.NSIG:  # 0: runc's existence check
             return number
         raise BonnevilleError(f"invalid signal: {text}")
     name = value.upper()

@@ -78,9 +78,38 @@ class ContainerState:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ContainerState:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+    def from_json(cls, data: Any) -> ContainerState:
+        """The state from its JSON; ValueError if it is not what ``to_json`` wrote."""
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in data:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    raise ValueError(f"{f.name} is missing")
+                continue
+            value = data[f.name]
+            wanted = _FIELD_TYPES[str(f.type)]
+            # bool is an int to Python: a state file saying "pid": true is still damaged.
+            if not isinstance(value, wanted) or (isinstance(value, bool) and bool not in wanted):
+                raise ValueError(f"{f.name} is {type(value).__name__}, not {f.type}")
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 1 << 63:
+                raise ValueError(f"{f.name} is out of range")
+            values[f.name] = value
+        if not all(isinstance(v, str) for v in values.get("annotations", {}).values()):
+            raise ValueError("annotations must map strings to strings")
+        return cls(**values)
+
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "int | None": (int, type(None)),
+    "bool": (bool,),
+    "dict[str, str]": (dict,),
+    "dict[str, Any]": (dict,),
+    "list[dict[str, Any]]": (list,),
+}
 
 
 def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
@@ -124,15 +153,24 @@ class Store:
         return directory
 
     @contextlib.contextmanager
-    def lock(self, container_id: str, exclusive: bool = True) -> Iterator[None]:
-        """flock the container's directory; raises ContainerNotFound if it is gone."""
+    def lock(self, container_id: str, exclusive: bool = True, wait: bool = True) -> Iterator[None]:
+        """flock the container's directory; raises ContainerNotFound if it is gone.
+
+        ``wait=False`` (readers only): if a writer holds the lock, go on without it. A create
+        holds its lock while hooks run, which may take long; `state` must still answer
+        "creating" then, and every write is an atomic rename, so a reader never sees half.
+        """
         validate_id(container_id)
         try:
             fd = os.open(self.path(container_id), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError as exc:
             raise ContainerNotFound(container_id) from exc
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            if exclusive or wait:
+                fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            else:
+                with contextlib.suppress(BlockingIOError):
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             # A delete that held the lock before us may have removed the directory.
             if not os.path.isdir(self.path(container_id)):
                 raise ContainerNotFound(container_id)
@@ -145,7 +183,11 @@ class Store:
         try:
             with open(self.path(container_id, STATE_FILE), "rb") as f:
                 data = json.load(f)
-            return ContainerState.from_json(data)
+            st = ContainerState.from_json(data)
+            if st.id != container_id:
+                # Acting on it would touch another container's directory.
+                raise ValueError(f"it names container {st.id!r}")
+            return st
         except FileNotFoundError as exc:
             raise ContainerNotFound(container_id) from exc
         except (ValueError, TypeError) as exc:
