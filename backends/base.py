@@ -91,6 +91,10 @@ class Backend(ABC):
         if capability not in self.capabilities:
             raise BackendError(f"backend {self.name} does not support {capability.value}")
 
+    def preflight(self) -> None:
+        """Fail, before create makes anything, if this host cannot run a VM of this backend."""
+        return None
+
     @abstractmethod
     def launch(self, config: VMConfig) -> VM:
         """Start a VM; return once its process runs and the agent channel is connected."""
@@ -106,6 +110,7 @@ class Backend(ABC):
 
 _BACKENDS = {
     "qemu": "bonneville.backends.qemu.backend:QemuBackend",
+    "libvirt": "bonneville.backends.libvirt.backend:LibvirtBackend",
     "fake": "bonneville.backends.fake:FakeBackend",
 }
 

@@ -144,6 +144,7 @@ def create(
         )
     backend_name = ctx.backend_for_create()
     backend = get_backend(backend_name)  # unknown or unavailable: fail before anything exists
+    backend.preflight()
     if Capability.NETWORK in backend.capabilities and _shares_host_network(spec.linux):
         raise BonnevilleError(
             "a VM cannot share the host's network stack: the config gives the container no network"
