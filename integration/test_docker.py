@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import leftover_processes, make_busybox_rootfs, stop_daemon
+from integration.backends import BACKENDS, URIS, use_backend
 
 pytestmark = [
     pytest.mark.vm,
@@ -33,8 +35,10 @@ BRIDGE_ADDRESS = "172.31.250.1/24"
 
 
 class Docker:
-    def __init__(self, socket_path: str) -> None:
+    def __init__(self, socket_path: str, runtime: str = "bonneville") -> None:
         self.env = {**os.environ, "DOCKER_HOST": f"unix://{socket_path}"}
+        self.socket_path = socket_path
+        self.runtime = runtime  # the dockerd runtime (one per backend) containers use
 
     def __call__(
         self, *args: str, input: bytes | None = None, timeout: float = 180
@@ -55,17 +59,39 @@ class Docker:
         return result.stdout.decode()
 
     def run(self, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-        return self("run", "--rm", "--runtime", "bonneville", *args, input=input)
+        return self("run", "--rm", "--runtime", self.runtime, *args, input=input)
+
+
+def runtime_name(backend: str) -> str:
+    return "bonneville" if backend == "qemu" else f"bonneville-{backend}"
+
+
+@pytest.fixture(params=BACKENDS)
+def docker(
+    request: pytest.FixtureRequest, dockerd: Docker, monkeypatch: pytest.MonkeyPatch
+) -> Docker:
+    """The shared dockerd, with containers run by the runtime of one backend."""
+    use_backend(request, monkeypatch)
+    return Docker(dockerd.socket_path, runtime_name(str(request.param)))
 
 
 @pytest.fixture(scope="module")
-def docker() -> Iterator[Docker]:
+def dockerd() -> Iterator[Docker]:
     # One private dockerd at a time on this host: they would share the bridge's name and subnet.
     lock = open("/run/lock/bonneville-test-dockerd.lock", "w")  # noqa: SIM115
     fcntl.flock(lock, fcntl.LOCK_EX)
     # Short paths: containerd and the shims put unix sockets under the exec root.
     base = Path(tempfile.mkdtemp(prefix="bvd-", dir="/tmp"))
     sock = base / "docker.sock"
+    # One runtime per backend, told apart by their runtimeArgs (global flags, as runc's).
+    bonneville = shutil.which("bonneville")
+    runtimes: dict[str, dict[str, object]] = {}
+    for backend in BACKENDS:
+        runtimes[runtime_name(backend)] = {"path": bonneville}
+        if backend in URIS:
+            args = ["--backend", "libvirt", "--libvirt-uri", URIS[backend]]
+            runtimes[runtime_name(backend)]["runtimeArgs"] = args
+    (base / "daemon.json").write_text(json.dumps({"runtimes": runtimes}))
     # Our own bridge (not docker0): created here, deleted afterwards, nothing else touched.
     subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True, check=False)  # a stale one
     subprocess.run(["ip", "link", "add", BRIDGE, "type", "bridge"], check=True)
@@ -83,8 +109,8 @@ def docker() -> Iterator[Docker]:
             f"unix://{sock}",
             "--pidfile",
             str(base / "dockerd.pid"),
-            "--add-runtime",
-            f"bonneville={shutil.which('bonneville')}",
+            "--config-file",
+            str(base / "daemon.json"),
             f"--bridge={BRIDGE}",
             # No iptables rules left on the host afterwards.
             "--iptables=false",
@@ -146,7 +172,7 @@ def test_tty_and_window_size(docker: Docker) -> None:
 
     child = pexpect.spawn(
         "docker",
-        ["run", "--rm", "-it", "--runtime", "bonneville", IMAGE, "sh"],
+        ["run", "--rm", "-it", "--runtime", docker.runtime, IMAGE, "sh"],
         env=docker.env,
         timeout=120,
     )
@@ -164,7 +190,7 @@ def test_detached_logs_signals_stop_restart(docker: Docker) -> None:
         "echo started; trap 'echo usr1' USR1; trap 'echo term; exit 0' TERM;"
         " while true; do sleep 0.1; done"
     )
-    cid = docker.ok("run", "-d", "--runtime", "bonneville", IMAGE, "sh", "-c", script).strip()
+    cid = docker.ok("run", "-d", "--runtime", docker.runtime, IMAGE, "sh", "-c", script).strip()
     try:
         wait_log(docker, cid, "started")
         docker.ok("kill", "-s", "USR1", cid)
@@ -188,7 +214,7 @@ def test_stop_escalates_to_sigkill(docker: Docker) -> None:
         "run",
         "-d",
         "--runtime",
-        "bonneville",
+        docker.runtime,
         IMAGE,
         "sh",
         "-c",
@@ -203,7 +229,7 @@ def test_stop_escalates_to_sigkill(docker: Docker) -> None:
 
 
 def test_exec_variants_and_top(docker: Docker) -> None:
-    cid = docker.ok("run", "-d", "--runtime", "bonneville", IMAGE, "sleep", "1000").strip()
+    cid = docker.ok("run", "-d", "--runtime", docker.runtime, IMAGE, "sleep", "1000").strip()
     try:
         result = docker("exec", cid, "sh", "-c", "echo in; echo err >&2; exit 4")
         assert (result.returncode, result.stdout, result.stderr) == (4, b"in\n", b"err\n")
@@ -232,7 +258,7 @@ def test_exec_variants_and_top(docker: Docker) -> None:
 def test_exec_with_tty(docker: Docker) -> None:
     import pexpect
 
-    cid = docker.ok("run", "-d", "--runtime", "bonneville", IMAGE, "sleep", "1000").strip()
+    cid = docker.ok("run", "-d", "--runtime", docker.runtime, IMAGE, "sleep", "1000").strip()
     try:
         child = pexpect.spawn(
             "docker", ["exec", "-it", cid, "sh", "-c", "tty; exit 3"], env=docker.env, timeout=120
@@ -311,7 +337,7 @@ def test_named_volume_persists(docker: Docker) -> None:
             "run",
             "--rm",
             "--runtime",
-            "bonneville",
+            docker.runtime,
             "-v",
             "bvol:/v",
             IMAGE,
@@ -320,7 +346,7 @@ def test_named_volume_persists(docker: Docker) -> None:
             "echo kept > /v/f",
         )
         out = docker.ok(
-            "run", "--rm", "--runtime", "bonneville", "-v", "bvol:/v", IMAGE, "cat", "/v/f"
+            "run", "--rm", "--runtime", docker.runtime, "-v", "bvol:/v", IMAGE, "cat", "/v/f"
         )
         assert out == "kept\n"
     finally:
@@ -338,7 +364,7 @@ def test_networking_bridge_ports_and_peers(docker: Docker) -> None:
         "run",
         "-d",
         "--runtime",
-        "bonneville",
+        docker.runtime,
         "-p",
         "127.0.0.1:18080:8080",
         IMAGE,
@@ -369,7 +395,7 @@ def test_user_network_peers(docker: Docker) -> None:
             "run",
             "-d",
             "--runtime",
-            "bonneville",
+            docker.runtime,
             "--network",
             "bnet",
             IMAGE,
