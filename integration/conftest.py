@@ -27,44 +27,82 @@ def _answers(path: str) -> bool:
         sock.close()
 
 
-@pytest.fixture(scope="session")
-def libvirtd() -> Iterator[str]:
-    """A libvirtd for qemu:///system: the host's if one runs, else one started (and stopped)
-    here, with virtlogd (libvirtd's QEMU logs through it). CI machines start no services."""
-    if _answers(LIBVIRTD_SOCKET):
-        yield LIBVIRTD_SOCKET
-        return
-    if shutil.which("libvirtd") is None:
-        pytest.skip("libvirtd is not installed")
-    base = Path(tempfile.mkdtemp(prefix="bv-libvirtd-"))
-    daemons: list[subprocess.Popen[bytes]] = []
-    try:
-        for argv in (["virtlogd"], ["libvirtd"]):
-            log = open(base / f"{argv[0]}.log", "wb")  # noqa: SIM115
-            daemons.append(
-                subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                    start_new_session=True,
-                    close_fds=True,
-                )
+class Libvirtd:
+    """libvirtd (and virtlogd, through which its QEMUs log) for qemu:///system.
+
+    ``owned`` is False when the host already ran one: then it is used as it is, and never
+    stopped or restarted by the tests.
+    """
+
+    def __init__(self, base: Path, owned: bool) -> None:
+        self.base = base
+        self.owned = owned
+        self.virtlogd: subprocess.Popen[bytes] | None = None
+        self.libvirtd: subprocess.Popen[bytes] | None = None
+
+    def _spawn(self, name: str) -> subprocess.Popen[bytes]:
+        with open(self.base / f"{name}.log", "ab") as log:
+            return subprocess.Popen(
+                [name],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                close_fds=True,
             )
-            log.close()
+
+    def start(self) -> None:
+        if self.virtlogd is None or self.virtlogd.poll() is not None:
+            self.virtlogd = self._spawn("virtlogd")
+        self.libvirtd = self._spawn("libvirtd")
         deadline = time.monotonic() + 60
         while not _answers(LIBVIRTD_SOCKET):
-            for daemon in daemons:
-                assert daemon.poll() is None, (base / "libvirtd.log").read_text()[-2000:]
+            assert self.libvirtd.poll() is None, (self.base / "libvirtd.log").read_text()[-2000:]
             assert time.monotonic() < deadline, "libvirtd did not come up"
             time.sleep(0.1)
-        yield LIBVIRTD_SOCKET
+
+    def stop_libvirtd(self) -> None:
+        if self.libvirtd is not None:
+            _stop(self.libvirtd)
+            self.libvirtd = None
+
+    def restart(self) -> None:
+        assert self.owned, "only a libvirtd the tests started may be restarted"
+        self.stop_libvirtd()
+        self.start()
+
+    def stop(self) -> None:
+        self.stop_libvirtd()
+        if self.virtlogd is not None:
+            _stop(self.virtlogd)
+            self.virtlogd = None
+
+
+def _stop(daemon: subprocess.Popen[bytes]) -> None:
+    daemon.terminate()
+    try:
+        daemon.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        daemon.kill()
+        daemon.wait()
+
+
+@pytest.fixture(scope="session")
+def libvirtd() -> Iterator[Libvirtd]:
+    """The host's libvirtd if one runs, else one started here and stopped afterwards (CI
+    machines start no services)."""
+    base = Path(tempfile.mkdtemp(prefix="bv-libvirtd-"))
+    try:
+        if _answers(LIBVIRTD_SOCKET):
+            yield Libvirtd(base, owned=False)
+            return
+        if shutil.which("libvirtd") is None:
+            pytest.skip("libvirtd is not installed")
+        daemon = Libvirtd(base, owned=True)
+        try:
+            daemon.start()
+            yield daemon
+        finally:
+            daemon.stop()
     finally:
-        for daemon in reversed(daemons):
-            daemon.terminate()
-            try:
-                daemon.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
         shutil.rmtree(base, ignore_errors=True)

@@ -25,9 +25,11 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -73,11 +75,11 @@ def _libvirt(log_path: str | None = None) -> Any:
     they go to ``log_path`` (read once, when the library initialises), and the per-error
     callback that would print them again is silenced (we raise them as BackendError).
     """
-    if "libvirt" not in globals().get("_LOADED", ()):
-        if log_path and "LIBVIRT_LOG_OUTPUTS" not in os.environ:
-            os.environ["LIBVIRT_LOG_OUTPUTS"] = f"3:file:{log_path}"
-        elif "LIBVIRT_LOG_OUTPUTS" not in os.environ:
-            os.environ["LIBVIRT_LOG_OUTPUTS"] = "4:file:/dev/null"
+    if "libvirt" not in sys.modules and "LIBVIRT_LOG_OUTPUTS" not in os.environ:
+        # 3: warnings and errors. Outside the monitor nobody reads them: errors reach the user
+        # through our exceptions.
+        target = f"3:file:{log_path}" if log_path else "4:file:/dev/null"
+        os.environ["LIBVIRT_LOG_OUTPUTS"] = target
     try:
         import libvirt
     except ImportError as exc:
@@ -85,7 +87,6 @@ def _libvirt(log_path: str | None = None) -> Any:
             "backend libvirt needs libvirt-python (pip install 'bonneville[libvirt]')"
         ) from exc
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-    globals()["_LOADED"] = ("libvirt",)
     return libvirt
 
 
@@ -220,16 +221,25 @@ class LibvirtVM(VM):
         return dict(self._private)
 
     def pause(self) -> None:
-        try:
-            self._dom.suspend()
-        except Exception as exc:
-            raise BackendError(f"cannot pause the domain: {_message(exc)}") from exc
+        self._on_domain("pause", lambda dom: dom.suspend())
 
     def resume(self) -> None:
+        self._on_domain("resume", lambda dom: dom.resume())
+
+    def _on_domain(self, what: str, operation: Callable[[Any], object]) -> None:
+        """Run ``operation`` on our domain, reconnecting once if libvirtd restarted since."""
         try:
-            self._dom.resume()
+            operation(self._dom)
+            return
         except Exception as exc:
-            raise BackendError(f"cannot resume the domain: {_message(exc)}") from exc
+            if self._private.get("root"):  # embedded: the driver lives in this very process
+                raise BackendError(f"cannot {what} the domain: {_message(exc)}") from exc
+        try:
+            self._conn = connect(str(self._private["uri"]))
+            self._dom = self._conn.lookupByUUIDString(str(self._private["uuid"]))
+            operation(self._dom)
+        except Exception as exc:
+            raise BackendError(f"cannot {what} the domain: {_message(exc)}") from exc
 
     def stop(self, timeout: float = 5.0) -> None:
         if self._released:

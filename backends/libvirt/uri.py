@@ -88,7 +88,13 @@ def parse(uri: str) -> Target:
 
 def preflight(uri: str) -> Target:
     """Check, without importing libvirt, that ``uri`` can work here: one clear line if not."""
+    import importlib.util
+
     target = parse(uri)
+    if importlib.util.find_spec("libvirt") is None:
+        raise BackendError(
+            "backend libvirt needs libvirt-python (pip install 'bonneville[libvirt]')"
+        )
     if target.embedded:
         return target
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
