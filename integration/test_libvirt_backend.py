@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -193,3 +195,30 @@ def test_bad_uris_and_a_missing_daemon_give_one_line(
     assert len(lines) == 1 and lines[0].startswith("bonneville: ") and message in lines[0], lines
     assert not (rt.root / "c1").exists()
     assert our_links() == links_before
+
+
+def test_no_permission_on_libvirtd_gives_one_line(libvirtd: Libvirtd) -> None:
+    """An unprivileged caller cannot reach libvirtd's socket: one line, nothing made."""
+    base = Path(tempfile.mkdtemp(prefix="bv-perm-"))
+    try:
+        base.chmod(0o755)
+        bundle = make_bundle(base, ["true"])
+        state = base / "state"
+        result = subprocess.run(
+            [
+                "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                str(shutil.which("bonneville")), "--root", str(state), "--backend", "libvirt",
+                "--libvirt-uri", "qemu:///system", "create", "-b", str(bundle), "p1",
+            ],
+            capture_output=True,
+            check=False,
+        )  # fmt: skip
+        assert result.returncode == 1
+        lines = result.stderr.decode().splitlines()
+        assert lines == [
+            "bonneville: libvirt URI qemu:///system: permission denied on "
+            f"{uris.SYSTEM_SOCKETS[-1]} (run as root)"
+        ], lines
+        assert not (state / "p1").exists()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

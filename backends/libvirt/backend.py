@@ -393,7 +393,7 @@ def _start_anchor() -> subprocess.Popen[bytes]:
     enter this process's root (the monitor's mount namespace) but not the monitor's own.
     """
     try:
-        return subprocess.Popen(
+        anchor = subprocess.Popen(
             [
                 "setpriv",
                 "--inh-caps=-all",
@@ -411,6 +411,25 @@ def _start_anchor() -> subprocess.Popen[bytes]:
         )
     except OSError as exc:
         raise BackendError(f"cannot start setpriv (util-linux): {exc.strerror}") from exc
+    # Until setpriv has dropped its capabilities and exec'd, QEMU would be refused its root.
+    deadline = time.monotonic() + CONNECT_TIMEOUT
+    while _permitted_caps(anchor.pid) != 0:
+        if anchor.poll() is not None or time.monotonic() > deadline:
+            _stop_anchor(anchor)
+            raise BackendError("the share's helper process (setpriv) did not start")
+        time.sleep(0.005)
+    return anchor
+
+
+def _permitted_caps(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("CapPrm:"):
+                    return int(line.split()[1], 16)
+    except OSError:
+        return None
+    return None
 
 
 def _stop_anchor(anchor: subprocess.Popen[bytes]) -> None:
