@@ -99,6 +99,10 @@ class Backend(ABC):
     def launch(self, config: VMConfig) -> VM:
         """Start a VM; return once its process runs and the agent channel is connected."""
 
+    def vm_pids(self, private: dict[str, Any]) -> list[int]:
+        """Host PIDs running the VM that are not descendants of the monitor (e.g. libvirtd's)."""
+        return []
+
     @abstractmethod
     def alive(self, private: dict[str, Any]) -> bool:
         """Whether the VM described by a private state blob still runs."""

@@ -95,6 +95,12 @@ def test_the_vm_is_a_domain_with_our_name_and_uri(runtime: Runtime, tmp_path: Pa
         # The embedded QEMU is a child of the monitor (its subreaper): `ps` lists it.
         pids = json.loads(runtime("ps", "--format", "json", "c1", check=True).stdout)
         assert blob["pid"] in pids
+        # The host-wide copy of QEMU's probed capabilities seeds (and matches) every root.
+        seeded = sorted(p.name for p in (root / uris.CAPS_SUBDIR).glob("*.xml"))
+        assert seeded and seeded == sorted(p.name for p in Path(uris.CAPS_SEED_DIR).glob("*.xml"))
+        for name in seeded:
+            seed = Path(uris.CAPS_SEED_DIR, name).read_bytes()
+            assert (root / uris.CAPS_SUBDIR / name).read_bytes() == seed
     else:
         assert name in virsh("list", "--name").split()
         assert "<bonneville:container" in virsh("dumpxml", name)

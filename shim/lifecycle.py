@@ -588,4 +588,10 @@ def ps(ctx: Context, container_id: str) -> list[int]:
         status = refresh(ctx, st)
         if status is Status.STOPPED:
             return []
-        return [st.pid, *procfs.descendants(st.pid)]
+        pids = [st.pid, *procfs.descendants(st.pid)]
+        if st.backend_state:
+            from bonneville.backends.base import get_backend
+
+            extra = get_backend(st.backend).vm_pids(st.backend_state)
+            pids += [pid for pid in extra if pid not in pids]
+        return pids

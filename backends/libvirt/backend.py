@@ -24,7 +24,6 @@ import select
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -188,7 +187,6 @@ class LibvirtVM(VM):
         pid: int,
         pidfd: int,
         private: dict[str, Any],
-        anchor: subprocess.Popen[bytes] | None = None,
     ) -> None:
         self._conn = conn
         self._dom = dom
@@ -196,7 +194,6 @@ class LibvirtVM(VM):
         self._pid = pid
         self._pidfd = pidfd
         self._private = private
-        self._anchor = anchor
         self._released = False
 
     @property
@@ -256,8 +253,6 @@ class LibvirtVM(VM):
             os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOHANG)
         self._channel.close()
         os.close(self._pidfd)
-        if self._anchor is not None:
-            _stop_anchor(self._anchor)
         # The embed root, sockets and host links stay until destroy() (run by delete): libvirt's
         # thread in this process may still be writing there while it notices QEMU's end.
 
@@ -286,7 +281,6 @@ class LibvirtBackend(Backend):
         name = domain_name(config.container_id, key.hex)
         private: dict[str, Any] = {"uri": target.uri, "uuid": str(key), "name": name}
         cleanup: list[Any] = []
-        anchor: subprocess.Popen[bytes] | None = None
         try:
             if target.embedded:
                 root = uris.embed_root(target, key.hex[:16])
@@ -314,13 +308,11 @@ class LibvirtBackend(Backend):
                 private["links"] = links
                 cleanup.append(lambda: hostnet.remove(links))
                 vm_config = hostnet.wire(config, key.hex, links)
-                anchor = _start_anchor()
-                cleanup.append(lambda: _stop_anchor(anchor))
                 # QEMU runs in the host's mount namespace; the share and its bind mounts exist
-                # only in the monitor's. A capability-less child of the monitor lets QEMU (root
-                # without capabilities under libvirtd) in through its /proc/PID/root.
+                # only in the monitor's (this process), whose root QEMU reaches through /proc:
+                # libvirt keeps a root QEMU's capabilities (CAP_SYS_PTRACE among them).
                 vm_config = replace(
-                    vm_config, share_dir=f"/proc/{anchor.pid}/root{config.share_dir}"
+                    vm_config, share_dir=f"/proc/{os.getpid()}/root{config.share_dir}"
                 )
             conn = connect(connect_uri, log_path)
             options = DomainOptions(
@@ -353,7 +345,11 @@ class LibvirtBackend(Backend):
                 with contextlib.suppress(Exception):
                     undo()
             raise
-        return LibvirtVM(conn, dom, channel, pid, pidfd, private, anchor)
+        return LibvirtVM(conn, dom, channel, pid, pidfd, private)
+
+    def vm_pids(self, private: dict[str, Any]) -> list[int]:
+        pid = int(private.get("pid", 0))
+        return [pid] if procfs.is_alive(pid, private.get("start_time")) else []
 
     def alive(self, private: dict[str, Any]) -> bool:
         return procfs.is_alive(int(private.get("pid", 0)), private.get("start_time"))
@@ -383,59 +379,6 @@ def _become_subreaper() -> None:
 def _destroy_quietly(dom: libvirt.virDomain) -> None:
     with contextlib.suppress(Exception):
         dom.destroy()
-
-
-def _start_anchor() -> subprocess.Popen[bytes]:
-    """A child of the monitor, in its mount namespace, holding no capabilities.
-
-    Reading /proc/PID/root of a process needs ptrace-read access: the same uid, and no
-    capability the reader lacks. libvirtd's QEMU runs as root without capabilities, so it may
-    enter this process's root (the monitor's mount namespace) but not the monitor's own.
-    """
-    try:
-        anchor = subprocess.Popen(
-            [
-                "setpriv",
-                "--inh-caps=-all",
-                "--ambient-caps=-all",
-                "--bounding-set=-all",
-                "--pdeathsig=KILL",
-                "sleep",
-                "infinity",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            close_fds=True,
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"},
-        )
-    except OSError as exc:
-        raise BackendError(f"cannot start setpriv (util-linux): {exc.strerror}") from exc
-    # Until setpriv has dropped its capabilities and exec'd, QEMU would be refused its root.
-    deadline = time.monotonic() + CONNECT_TIMEOUT
-    while _permitted_caps(anchor.pid) != 0:
-        if anchor.poll() is not None or time.monotonic() > deadline:
-            _stop_anchor(anchor)
-            raise BackendError("the share's helper process (setpriv) did not start")
-        time.sleep(0.005)
-    return anchor
-
-
-def _permitted_caps(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("CapPrm:"):
-                    return int(line.split()[1], 16)
-    except OSError:
-        return None
-    return None
-
-
-def _stop_anchor(anchor: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        anchor.kill()
-    anchor.wait()
 
 
 def _read_pid(pidfile: str) -> tuple[int, int]:
