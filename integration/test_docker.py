@@ -149,6 +149,15 @@ def dockerd() -> Iterator[Docker]:
         subprocess.run(["ip", "link", "del", BRIDGE], check=False)
         lock.close()
     assert leftover_processes(str(base)) == []
+    # The host-side veths and taps of libvirtd's VMs went with their containers.
+    assert host_links_of_ours() == []
+
+
+def host_links_of_ours() -> list[str]:
+    from bonneville.backends.libvirt.hostnet import OUR_LINK
+
+    shown = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, check=True).stdout
+    return [link["ifname"] for link in json.loads(shown) if OUR_LINK.match(link["ifname"])]
 
 
 def test_run_echo_uses_a_vm(docker: Docker) -> None:
