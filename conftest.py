@@ -162,8 +162,10 @@ DOCKER_BRIDGE_ADDRESS = "172.31.250.1/24"
 class Docker:
     """The docker CLI aimed at one private daemon."""
 
-    def __init__(self, socket_path: str) -> None:
+    def __init__(self, socket_path: str, runtime: str = "bonneville") -> None:
         self.env = {**os.environ, "DOCKER_HOST": f"unix://{socket_path}"}
+        self.socket_path = socket_path
+        self.runtime = runtime  # the dockerd runtime (one per backend) `run` uses
 
     def __call__(
         self, *args: str, input: bytes | None = None, timeout: float = 180
@@ -184,13 +186,14 @@ class Docker:
         return result.stdout.decode()
 
     def run(self, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-        return self("run", "--rm", "--runtime", "bonneville", *args, input=input)
+        return self("run", "--rm", "--runtime", self.runtime, *args, input=input)
 
 
 @contextlib.contextmanager
-def private_dockerd(runtimes: dict[str, str], image: str) -> Iterator[Docker]:
+def private_dockerd(runtimes: dict[str, dict[str, object]], image: str) -> Iterator[Docker]:
     """A dockerd of our own (data-root, exec-root, socket and bridge under /tmp) with these
-    runtimes and a busybox ``image``; everything it made is gone afterwards."""
+    runtimes (daemon.json's form: name → {"path", "runtimeArgs"}) and a busybox ``image``;
+    everything it made is gone afterwards."""
     import fcntl
     import shutil
     import signal
@@ -209,7 +212,7 @@ def private_dockerd(runtimes: dict[str, str], image: str) -> Iterator[Docker]:
     subprocess.run(["ip", "addr", "add", DOCKER_BRIDGE_ADDRESS, "dev", bridge], check=True)
     subprocess.run(["ip", "link", "set", bridge, "up"], check=True)
     log = open(base / "dockerd.log", "wb")  # noqa: SIM115
-    runtime_args = [f"--add-runtime={name}={path}" for name, path in runtimes.items()]
+    (base / "daemon.json").write_text(json.dumps({"runtimes": runtimes}))
     daemon = subprocess.Popen(
         [
             "dockerd",
@@ -221,7 +224,8 @@ def private_dockerd(runtimes: dict[str, str], image: str) -> Iterator[Docker]:
             f"unix://{sock}",
             "--pidfile",
             str(base / "dockerd.pid"),
-            *runtime_args,
+            "--config-file",
+            str(base / "daemon.json"),
             f"--bridge={bridge}",
             # No iptables rules left on the host afterwards.
             "--iptables=false",

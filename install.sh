@@ -1,6 +1,6 @@
 #!/bin/sh
-# Installs everything Bonneville needs on Debian 12 (run as root): system packages (docker.io
-# and containerd too, for the integration tests; no daemon is started), a venv in
+# Installs everything Bonneville needs on Debian 12 (run as root): system packages (docker.io,
+# containerd and libvirtd too, for the integration tests; no daemon is started), a venv in
 # /opt/bonneville/venv with this checkout installed (editable), `bonneville` on PATH, and the
 # guest image built under /var/lib/bonneville.
 set -eu
@@ -15,7 +15,8 @@ PACKAGES="python3 python3-venv python3-dev gcc
     qemu-system-x86 qemu-utils linux-image-amd64 busybox-static
     kmod cpio xz-utils iproute2 procps ca-certificates tar
     docker.io containerd runc iptables
-    golang-go git util-linux"
+    golang-go git util-linux
+    libvirt-daemon-system libvirt-dev pkg-config"
 # Only what is missing: a machine that has everything installs nothing (and needs no network).
 missing=""
 for p in $PACKAGES; do
@@ -31,7 +32,8 @@ VENV=/opt/bonneville/venv
 [ -x "$VENV/bin/python" ] || /usr/bin/python3 -m venv "$VENV"
 # No build isolation: with its build tools in the venv, a re-install needs no index.
 "$VENV/bin/pip" install -q wheel 'setuptools>=66'
-"$VENV/bin/pip" install -q --no-build-isolation -e '.[test,vsphere]'
+# The libvirt extra builds libvirt-python against Debian's libvirt (libvirt-dev, pkg-config).
+"$VENV/bin/pip" install -q --no-build-isolation -e '.[test,vsphere,libvirt]'
 ln -sf "$VENV/bin/bonneville" /usr/local/bin/bonneville
 bonneville image build
 # The templates docker needs most (no NIC and one NIC): the first container starts as a clone.

@@ -93,9 +93,17 @@ class Backend(ABC):
         if capability not in self.capabilities:
             raise BackendError(f"backend {self.name} does not support {capability.value}")
 
+    def preflight(self) -> None:
+        """Fail, before create makes anything, if this host cannot run a VM of this backend."""
+        return None
+
     @abstractmethod
     def launch(self, config: VMConfig) -> VM:
         """Start a VM; return once its process runs and the agent channel is connected."""
+
+    def vm_pids(self, private: dict[str, Any]) -> list[int]:
+        """Host PIDs running the VM that are not descendants of the monitor (e.g. libvirtd's)."""
+        return []
 
     @abstractmethod
     def alive(self, private: dict[str, Any]) -> bool:
@@ -108,6 +116,7 @@ class Backend(ABC):
 
 _BACKENDS = {
     "qemu": "bonneville.backends.qemu.backend:QemuBackend",
+    "libvirt": "bonneville.backends.libvirt.backend:LibvirtBackend",
     "fake": "bonneville.backends.fake:FakeBackend",
     "vsphere": "bonneville.backends.vsphere.backend:VSphereBackend",
 }

@@ -358,12 +358,15 @@ def main() -> None:
         work = Path(tmp)
         make_busybox_rootfs(work / "cli-bundle" / "rootfs")
         if only & {"docker", "concurrent"}:
-            with cold_wrapper() as cold, private_dockerd(docker_runtimes(cold), IMAGE) as docker:
-                names = ["runc", *docker_runtimes(cold)]
-                if "docker" in only:
-                    print(bench_docker(docker, names, args.runs) + "\n", flush=True)
-                if "concurrent" in only:
-                    print(bench_concurrent(docker, ["runc", "bonneville"]) + "\n", flush=True)
+            with cold_wrapper() as cold:
+                paths = docker_runtimes(cold)
+                runtimes: dict[str, dict[str, object]] = {n: {"path": p} for n, p in paths.items()}
+                with private_dockerd(runtimes, IMAGE) as docker:
+                    names = ["runc", *paths]
+                    if "docker" in only:
+                        print(bench_docker(docker, names, args.runs) + "\n", flush=True)
+                    if "concurrent" in only:
+                        print(bench_concurrent(docker, ["runc", "bonneville"]) + "\n", flush=True)
         if "cli" in only:
             print(bench_cli(work, args.runs) + "\n", flush=True)
         if "memory" in only:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import leftover_processes, make_busybox_rootfs, stop_daemon
+from integration.backends import BACKENDS, URIS, use_backend
 
 pytestmark = [
     pytest.mark.vm,
@@ -82,8 +83,10 @@ def oci_archive(rootfs: Path) -> bytes:
 
 
 class Ctr:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, base: Path | None = None) -> None:
         self.address = address
+        self.base = base or Path("/nonexistent")  # the daemon's private directory
+        self.binary = str(shutil.which("bonneville"))  # what the runc shim runs
 
     def __call__(
         self, *args: str, input: bytes | None = None, timeout: float = 180
@@ -98,13 +101,31 @@ class Ctr:
         )
 
     def run(self, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-        bonneville = shutil.which("bonneville")
-        assert bonneville is not None
-        return self("run", "--rm", "--runc-binary", bonneville, *args, input=input)
+        return self("run", "--rm", "--runc-binary", self.binary, *args, input=input)
+
+
+@pytest.fixture(params=BACKENDS)
+def ctr(request: pytest.FixtureRequest, containerd: Ctr, monkeypatch: pytest.MonkeyPatch) -> Ctr:
+    """The shared containerd, running containers through one backend.
+
+    The runc shim's options carry a binary name but no arguments: for libvirt the binary is a
+    two-line wrapper adding the global flags, as an operator would install it.
+    """
+    client = Ctr(containerd.address, containerd.base)
+    backend = use_backend(request, monkeypatch)
+    if backend == "libvirt":
+        wrapper = containerd.base / f"bonneville-{request.param}"
+        wrapper.write_text(
+            f"#!/bin/sh\nexec {client.binary} --backend libvirt"
+            f' --libvirt-uri {URIS[str(request.param)]} "$@"\n'
+        )
+        wrapper.chmod(0o755)
+        client.binary = str(wrapper)
+    return client
 
 
 @pytest.fixture(scope="module")
-def ctr() -> Iterator[Ctr]:
+def containerd() -> Iterator[Ctr]:
     base = Path(tempfile.mkdtemp(prefix="bvc-", dir="/tmp"))
     address = str(base / "containerd.sock")
     config = base / "config.toml"
@@ -121,7 +142,7 @@ def ctr() -> Iterator[Ctr]:
         stdin=subprocess.DEVNULL,
         start_new_session=True,
     )
-    client = Ctr(address)
+    client = Ctr(address, base)
     try:
         deadline = time.monotonic() + 60
         while client("version").returncode != 0:
@@ -150,8 +171,7 @@ def test_ctr_run_in_a_vm(ctr: Ctr) -> None:
 
 
 def test_ctr_detached_task_exec_and_kill(ctr: Ctr) -> None:
-    bonneville = str(shutil.which("bonneville"))
-    started = ctr("run", "-d", "--runc-binary", bonneville, IMAGE, "c3", "sleep", "1000")
+    started = ctr("run", "-d", "--runc-binary", ctr.binary, IMAGE, "c3", "sleep", "1000")
     assert started.returncode == 0, started.stderr
     try:
         tasks = ctr("task", "ls").stdout.decode()

@@ -6,9 +6,11 @@ touches a system daemon; the image is a busybox rootfs imported from a local tar
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Docker, private_dockerd
+from integration.backends import BACKENDS, URIS, use_backend
 
 pytestmark = [
     pytest.mark.vm,
@@ -25,12 +28,41 @@ pytestmark = [
 IMAGE = "bonneville-busybox:test"
 
 
+def runtime_name(backend: str) -> str:
+    return "bonneville" if backend == "qemu" else f"bonneville-{backend}"
+
+
+@pytest.fixture(params=BACKENDS)
+def docker(
+    request: pytest.FixtureRequest, dockerd: Docker, monkeypatch: pytest.MonkeyPatch
+) -> Docker:
+    """The shared dockerd, with containers run by the runtime of one backend."""
+    use_backend(request, monkeypatch)
+    return Docker(dockerd.socket_path, runtime_name(str(request.param)))
+
+
 @pytest.fixture(scope="module")
-def docker() -> Iterator[Docker]:
+def dockerd() -> Iterator[Docker]:
+    # One runtime per backend, told apart by their runtimeArgs (global flags, as runc's).
     bonneville = shutil.which("bonneville")
     assert bonneville
-    with private_dockerd({"bonneville": bonneville}, IMAGE) as client:
+    runtimes: dict[str, dict[str, object]] = {}
+    for backend in BACKENDS:
+        runtimes[runtime_name(backend)] = {"path": bonneville}
+        if backend in URIS:
+            args = ["--backend", "libvirt", "--libvirt-uri", URIS[backend]]
+            runtimes[runtime_name(backend)]["runtimeArgs"] = args
+    with private_dockerd(runtimes, IMAGE) as client:
         yield client
+    # The host-side veths and taps of libvirtd's VMs went with their containers.
+    assert host_links_of_ours() == []
+
+
+def host_links_of_ours() -> list[str]:
+    from bonneville.backends.libvirt.hostnet import OUR_LINK
+
+    shown = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, check=True).stdout
+    return [link["ifname"] for link in json.loads(shown) if OUR_LINK.match(link["ifname"])]
 
 
 def test_run_echo_uses_a_vm(docker: Docker) -> None:
@@ -54,7 +86,7 @@ def test_tty_and_window_size(docker: Docker) -> None:
 
     child = pexpect.spawn(
         "docker",
-        ["run", "--rm", "-it", "--runtime", "bonneville", IMAGE, "sh"],
+        ["run", "--rm", "-it", "--runtime", docker.runtime, IMAGE, "sh"],
         env=docker.env,
         timeout=120,
     )
@@ -72,7 +104,7 @@ def test_detached_logs_signals_stop_restart(docker: Docker) -> None:
         "echo started; trap 'echo usr1' USR1; trap 'echo term; exit 0' TERM;"
         " while true; do sleep 0.1; done"
     )
-    cid = docker.ok("run", "-d", "--runtime", "bonneville", IMAGE, "sh", "-c", script).strip()
+    cid = docker.ok("run", "-d", "--runtime", docker.runtime, IMAGE, "sh", "-c", script).strip()
     try:
         wait_log(docker, cid, "started")
         docker.ok("kill", "-s", "USR1", cid)
@@ -96,7 +128,7 @@ def test_stop_escalates_to_sigkill(docker: Docker) -> None:
         "run",
         "-d",
         "--runtime",
-        "bonneville",
+        docker.runtime,
         IMAGE,
         "sh",
         "-c",
@@ -111,7 +143,7 @@ def test_stop_escalates_to_sigkill(docker: Docker) -> None:
 
 
 def test_exec_variants_and_top(docker: Docker) -> None:
-    cid = docker.ok("run", "-d", "--runtime", "bonneville", IMAGE, "sleep", "1000").strip()
+    cid = docker.ok("run", "-d", "--runtime", docker.runtime, IMAGE, "sleep", "1000").strip()
     try:
         result = docker("exec", cid, "sh", "-c", "echo in; echo err >&2; exit 4")
         assert (result.returncode, result.stdout, result.stderr) == (4, b"in\n", b"err\n")
@@ -149,7 +181,7 @@ def test_exec_variants_and_top(docker: Docker) -> None:
 def test_exec_with_tty(docker: Docker) -> None:
     import pexpect
 
-    cid = docker.ok("run", "-d", "--runtime", "bonneville", IMAGE, "sleep", "1000").strip()
+    cid = docker.ok("run", "-d", "--runtime", docker.runtime, IMAGE, "sleep", "1000").strip()
     try:
         child = pexpect.spawn(
             "docker", ["exec", "-it", cid, "sh", "-c", "tty; exit 3"], env=docker.env, timeout=120
@@ -228,7 +260,7 @@ def test_named_volume_persists(docker: Docker) -> None:
             "run",
             "--rm",
             "--runtime",
-            "bonneville",
+            docker.runtime,
             "-v",
             "bvol:/v",
             IMAGE,
@@ -237,7 +269,7 @@ def test_named_volume_persists(docker: Docker) -> None:
             "echo kept > /v/f",
         )
         out = docker.ok(
-            "run", "--rm", "--runtime", "bonneville", "-v", "bvol:/v", IMAGE, "cat", "/v/f"
+            "run", "--rm", "--runtime", docker.runtime, "-v", "bvol:/v", IMAGE, "cat", "/v/f"
         )
         assert out == "kept\n"
     finally:
@@ -255,7 +287,7 @@ def test_networking_bridge_ports_and_peers(docker: Docker) -> None:
         "run",
         "-d",
         "--runtime",
-        "bonneville",
+        docker.runtime,
         "-p",
         "127.0.0.1:18080:8080",
         IMAGE,
@@ -286,7 +318,7 @@ def test_user_network_peers(docker: Docker) -> None:
             "run",
             "-d",
             "--runtime",
-            "bonneville",
+            docker.runtime,
             "--network",
             "bnet",
             IMAGE,

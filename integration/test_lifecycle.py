@@ -1,4 +1,9 @@
-"""The lifecycle cases of tests/test_lifecycle.py, each container a real QEMU VM."""
+"""The lifecycle cases of tests/test_lifecycle.py, each container a real VM.
+
+Every case runs once per backend: QEMU driven directly, libvirt's embedded driver
+(``qemu:///embed``, no daemon) and, where libvirtd can run, libvirt through it
+(``qemu:///system``, integration/libvirtd.py starts a private instance for the session).
+"""
 
 from __future__ import annotations
 
@@ -10,15 +15,16 @@ from pathlib import Path
 import pytest
 
 from conftest import Runtime, default_config, write_bundle
+from integration.backends import BACKENDS, use_backend
 from tests.test_lifecycle import *  # noqa: F403 - the same cases, another backend
 from tests.test_lifecycle import make_bundle, wait_status
 
 pytestmark = pytest.mark.vm
 
 
-@pytest.fixture
-def backend_name() -> str:
-    return "qemu"
+@pytest.fixture(params=BACKENDS)
+def backend_name(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    return use_backend(request, monkeypatch)
 
 
 def test_the_container_runs_in_a_vm(runtime: Runtime, tmp_path: Path) -> None:

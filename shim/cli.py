@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from typing import Any, NoReturn
 
@@ -31,6 +32,11 @@ VERSION = "0.1.0"
     default=None,
     help="VM backend for new containers (default qemu; a container keeps its own)",
 )
+@click.option(
+    "--libvirt-uri",
+    default=None,
+    help="libvirt URI for new containers of --backend libvirt (qemu:///system, qemu:///embed)",
+)
 @click.version_option(VERSION, "-v", "--version", prog_name="bonneville")
 @click.pass_context
 def cli(
@@ -43,9 +49,13 @@ def cli(
     rootless: str,
     criu: str,
     backend: str | None,
+    libvirt_uri: str | None,
 ) -> None:
     """bonneville: an OCI runtime that runs every container in its own virtual machine."""
     shimlog.setup(log_file, log_format, debug)
+    if libvirt_uri:
+        # The flag outranks $BONNEVILLE_LIBVIRT_URI; the monitor inherits it from here.
+        os.environ["BONNEVILLE_LIBVIRT_URI"] = libvirt_uri
     ctx.obj = Context(store=Store(root), backend=backend)
 
 

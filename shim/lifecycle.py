@@ -150,6 +150,7 @@ def create(
         )
     backend_name = ctx.backend_for_create()
     backend = get_backend(backend_name)  # unknown or unavailable: fail before anything exists
+    backend.preflight()
     if Capability.NETWORK in backend.capabilities and _shares_host_network(spec.linux):
         raise BonnevilleError(
             "a VM cannot share the host's network stack: the config gives the container no network"
@@ -608,7 +609,13 @@ def ps(ctx: Context, container_id: str) -> list[int]:
         status = refresh(ctx, st)
         if status is Status.STOPPED:
             return []
-        return [st.pid, *procfs.descendants(st.pid)]
+        pids = [st.pid, *procfs.descendants(st.pid)]
+        if st.backend_state:
+            from bonneville.backends.base import get_backend
+
+            extra = get_backend(st.backend).vm_pids(st.backend_state)
+            pids += [pid for pid in extra if pid not in pids]
+        return pids
 
 
 # ---- update / stats -------------------------------------------------------------------------

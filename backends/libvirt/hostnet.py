@@ -1,0 +1,140 @@
+"""The container's NIC for a QEMU that libvirtd runs in the host's network namespace.
+
+Under ``qemu:///system`` QEMU is forked by libvirtd, outside the container's network namespace,
+so it cannot open the tap the monitor made there (``shim/network.py``). For each NIC we build a
+path out of the namespace instead:
+
+    container netns:  veth (dockerd's) ⇄ tc mirred ⇄ bv<key>c<N> ═╗ veth pair
+    host netns:                        bv<key>t<N> ⇄ tc mirred ⇄ bv<key>h<N> ═╝
+                      (tap QEMU uses)
+
+The monitor's own tap is deleted (with its tc filters) and the container veth's ingress is
+redirected to the pair instead. Every name we create in the host carries this VM's random key:
+it cannot collide with another container's, and teardown deletes exactly those names (deleting
+a veth end deletes the pair), never another interface. Nothing here touches a link we did not
+create except the container veth's ingress qdisc, which the monitor created in the first place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from dataclasses import replace
+
+from bonneville.backends.base import VMConfig
+from bonneville.spec.errors import BackendError
+
+_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
+# Host-side names we create: bv + 8 hex of the VM's key + role (c, h, t) + NIC index.
+OUR_LINK = re.compile(r"^bv[0-9a-f]{8}[cht][0-9]{1,2}$")
+DAEMON_PIDFILES = ("/run/libvirtd.pid", "/run/virtqemud.pid")
+
+
+def host_netns() -> str:
+    """The network namespace libvirtd forks QEMU into (PID 1's if the daemon is not found)."""
+    for pidfile in DAEMON_PIDFILES:
+        try:
+            with open(pidfile, encoding="ascii") as f:
+                pid = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        path = f"/proc/{pid}/ns/net"
+        if os.path.exists(path):
+            return path
+    return "/proc/1/ns/net"
+
+
+def _run(argv: list[str], netns: str | None = None) -> str:
+    if netns is not None:
+        argv = ["nsenter", f"--net={netns}", *argv]
+    result = subprocess.run(
+        argv, capture_output=True, text=True, env=_ENV, close_fds=True, check=False
+    )
+    if result.returncode != 0:
+        raise BackendError(f"{' '.join(argv)}: {result.stderr.strip()}")
+    return result.stdout
+
+
+def _mirror(a: str, b: str, netns: str | None) -> None:
+    """Every frame arriving on ``a`` leaves through ``b`` and back (tc ingress redirects)."""
+    for src, dst in ((a, b), (b, a)):
+        _run(["tc", "qdisc", "add", "dev", src, "ingress"], netns)
+        _run(
+            [
+                "tc", "filter", "add", "dev", src, "parent", "ffff:", "protocol", "all",
+                "u32", "match", "u8", "0", "0",
+                "action", "mirred", "egress", "redirect", "dev", dst,
+            ],
+            netns,
+        )  # fmt: skip
+
+
+def _redirect_source(tap: str) -> str:
+    """The container interface whose frames the monitor mirrors into ``tap``."""
+    shown = _run(["tc", "-j", "filter", "show", "dev", tap, "ingress"])
+    for entry in json.loads(shown or "[]"):
+        for action in (entry.get("options") or {}).get("actions", []):
+            if action.get("kind") == "mirred" and action.get("to_dev"):
+                return str(action["to_dev"])
+    raise BackendError(f"cannot find the container interface behind {tap}")
+
+
+def _mtu(link: str) -> int:
+    data = json.loads(_run(["ip", "-j", "link", "show", "dev", link]))
+    return int(data[0].get("mtu", 1500))
+
+
+def link_names(key: str, index: int) -> tuple[str, str, str]:
+    """(container end, host end, host tap) for NIC ``index`` of the VM with ``key``."""
+    prefix = f"bv{key[:8]}"
+    return f"{prefix}c{index}", f"{prefix}h{index}", f"{prefix}t{index}"
+
+
+def wire(config: VMConfig, key: str, created: list[str]) -> VMConfig:
+    """Build each NIC's path into the host; ``config`` for a QEMU there (its taps renamed).
+
+    Called in the monitor, inside the container's network namespace. Host-side names are
+    appended to ``created`` as soon as they exist, so a failure half-way can be undone.
+    """
+    host = host_netns()
+    nics = []
+    for index, (tap, mac) in enumerate(config.nics):
+        inner, outer, host_tap = link_names(key, index)
+        for name in (inner, outer, host_tap):
+            if not OUR_LINK.match(name):
+                raise BackendError(f"refusing to create link {name!r}")
+        container_if = _redirect_source(tap)
+        mtu = _mtu(tap)
+        # Replace the monitor's tap (QEMU cannot reach it) by the veth pair's inner end.
+        _run(["ip", "link", "del", "dev", tap])
+        _run(["tc", "qdisc", "del", "dev", container_if, "ingress"])
+        _run(["ip", "link", "add", inner, "mtu", str(mtu), "type", "veth", "peer", "name", outer])
+        created.append(outer)
+        _run(["ip", "link", "set", "dev", outer, "netns", host])
+        _run(["ip", "link", "set", "dev", inner, "up"])
+        _mirror(container_if, inner, None)
+        _run(["ip", "tuntap", "add", "dev", host_tap, "mode", "tap"], host)
+        created.append(host_tap)
+        _run(["ip", "link", "set", "dev", host_tap, "mtu", str(mtu), "up"], host)
+        _run(["ip", "link", "set", "dev", outer, "up"], host)
+        _mirror(outer, host_tap, host)
+        nics.append((host_tap, mac))
+    return replace(config, nics=tuple(nics))
+
+
+def remove(names: list[str]) -> None:
+    """Delete our host-side links (only names of our own pattern); missing ones are fine."""
+    host = host_netns()
+    for name in names:
+        if not OUR_LINK.match(name):
+            continue
+        result = subprocess.run(
+            ["nsenter", f"--net={host}", "ip", "link", "del", "dev", name],
+            capture_output=True,
+            env=_ENV,
+            close_fds=True,
+            check=False,
+        )
+        del result  # absent already (the pair's other end took it along): nothing to do

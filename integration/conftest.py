@@ -1,0 +1,108 @@
+"""Daemons shared by the integration suites."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+LIBVIRTD_SOCKET = "/run/libvirt/libvirt-sock"
+
+
+def _answers(path: str) -> bool:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(2)
+        sock.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+class Libvirtd:
+    """libvirtd (and virtlogd, through which its QEMUs log) for qemu:///system.
+
+    ``owned`` is False when the host already ran one: then it is used as it is, and never
+    stopped or restarted by the tests.
+    """
+
+    def __init__(self, base: Path, owned: bool) -> None:
+        self.base = base
+        self.owned = owned
+        self.virtlogd: subprocess.Popen[bytes] | None = None
+        self.libvirtd: subprocess.Popen[bytes] | None = None
+
+    def _spawn(self, name: str) -> subprocess.Popen[bytes]:
+        with open(self.base / f"{name}.log", "ab") as log:
+            return subprocess.Popen(
+                [name],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                close_fds=True,
+            )
+
+    def start(self) -> None:
+        if self.virtlogd is None or self.virtlogd.poll() is not None:
+            self.virtlogd = self._spawn("virtlogd")
+        self.libvirtd = self._spawn("libvirtd")
+        deadline = time.monotonic() + 60
+        while not _answers(LIBVIRTD_SOCKET):
+            assert self.libvirtd.poll() is None, (self.base / "libvirtd.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "libvirtd did not come up"
+            time.sleep(0.1)
+
+    def stop_libvirtd(self) -> None:
+        if self.libvirtd is not None:
+            _stop(self.libvirtd)
+            self.libvirtd = None
+
+    def restart(self) -> None:
+        assert self.owned, "only a libvirtd the tests started may be restarted"
+        self.stop_libvirtd()
+        self.start()
+
+    def stop(self) -> None:
+        self.stop_libvirtd()
+        if self.virtlogd is not None:
+            _stop(self.virtlogd)
+            self.virtlogd = None
+
+
+def _stop(daemon: subprocess.Popen[bytes]) -> None:
+    daemon.terminate()
+    try:
+        daemon.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        daemon.kill()
+        daemon.wait()
+
+
+@pytest.fixture(scope="session")
+def libvirtd() -> Iterator[Libvirtd]:
+    """The host's libvirtd if one runs, else one started here and stopped afterwards (CI
+    machines start no services)."""
+    base = Path(tempfile.mkdtemp(prefix="bv-libvirtd-"))
+    try:
+        if _answers(LIBVIRTD_SOCKET):
+            yield Libvirtd(base, owned=False)
+            return
+        if shutil.which("libvirtd") is None:
+            pytest.skip("libvirtd is not installed")
+        daemon = Libvirtd(base, owned=True)
+        try:
+            daemon.start()
+            yield daemon
+        finally:
+            daemon.stop()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
