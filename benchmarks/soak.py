@@ -16,25 +16,20 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import fcntl
 import glob
 import os
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # conftest's helpers
 
-from conftest import leftover_processes, make_busybox_rootfs, stop_daemon
+from conftest import Docker, leftover_processes, private_dockerd
 
 IMAGE = "bonneville-busybox:soak"
-BRIDGE = "bvtest0"  # the integration tests' bridge; their lock keeps us apart
-BRIDGE_ADDRESS = "172.31.250.1/24"
-LOCK = "/run/lock/bonneville-test-dockerd.lock"
 
 
 def _pids(name: str) -> list[int]:
@@ -95,66 +90,11 @@ def snapshot(base: Path, clone_glob: str) -> dict[str, int]:
     }
 
 
-class Dockerd:
-    def __init__(self, base: Path, runtime: str) -> None:
-        self.base = base
-        self.runtime = runtime
-        self.sock = base / "docker.sock"
-        subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True, check=False)
-        subprocess.run(["ip", "link", "add", BRIDGE, "type", "bridge"], check=True)
-        subprocess.run(["ip", "addr", "add", BRIDGE_ADDRESS, "dev", BRIDGE], check=True)
-        subprocess.run(["ip", "link", "set", BRIDGE, "up"], check=True)
-        self.log = open(base / "dockerd.log", "wb")  # noqa: SIM115
-        self.daemon = subprocess.Popen(
-            [
-                "dockerd",
-                "--data-root", str(base / "data"),
-                "--exec-root", str(base / "exec"),
-                "--host", f"unix://{self.sock}",
-                "--pidfile", str(base / "dockerd.pid"),
-                "--add-runtime", f"bonneville={shutil.which('bonneville')}",
-                f"--bridge={BRIDGE}",
-                "--iptables=false",
-                "--ip-masq=false",
-            ],
-            stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
-        self.env = {**os.environ, "DOCKER_HOST": f"unix://{self.sock}"}
-        deadline = time.monotonic() + 60
-        while self.docker("version").returncode != 0:
-            if self.daemon.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("dockerd did not come up; see " + str(base / "dockerd.log"))
-            time.sleep(0.2)
-        rootfs = make_busybox_rootfs(base / "rootfs")
-        tar = subprocess.run(["tar", "-C", str(rootfs), "-c", "."], capture_output=True, check=True)
-        imported = self.docker("import", "-", IMAGE, input=tar.stdout)
-        if imported.returncode != 0:
-            raise SystemExit(f"docker import failed: {imported.stderr!r}")
-
-    def docker(self, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run(
-            ["docker", *args],
-            input=input,
-            stdin=None if input is not None else subprocess.DEVNULL,
-            capture_output=True,
-            env=self.env,
-            timeout=600,
-            check=False,
-        )
-
-    def run_one(self) -> tuple[float, str]:
-        started = time.monotonic()
-        result = self.docker("run", "--rm", "--runtime", self.runtime, IMAGE, "true")
-        error = "" if result.returncode == 0 else result.stderr.decode(errors="replace").strip()
-        return time.monotonic() - started, error
-
-    def close(self) -> None:
-        ids = self.docker("ps", "-aq").stdout.split()
-        if ids:
-            self.docker("rm", "-f", *[i.decode() for i in ids])
-        stop_daemon(self.daemon, self.base)
-        self.log.close()
-        subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True, check=False)
+def run_one(docker: Docker, runtime: str) -> tuple[float, str]:
+    started = time.monotonic()
+    result = docker("run", "--rm", "--runtime", runtime, IMAGE, "true", timeout=600)
+    error = "" if result.returncode == 0 else result.stderr.decode(errors="replace").strip()
+    return time.monotonic() - started, error
 
 
 def _wait_settled(base: Path, clone_glob: str, before: dict[str, int]) -> dict[str, int]:
@@ -184,45 +124,46 @@ def main() -> int:
     parser.add_argument("--runtime", default="bonneville", help="runc gives a baseline")
     parser.add_argument("--clone-glob", default="", help="files a clone leaves if it leaks")
     args = parser.parse_args()
-    lock = open(LOCK, "w")  # noqa: SIM115
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    base = Path(tempfile.mkdtemp(prefix="bvsoak-", dir="/tmp"))
-    daemon = Dockerd(base, args.runtime)
+    bonneville = shutil.which("bonneville")
+    if not bonneville:
+        raise SystemExit("bonneville is not on PATH")
     failures: list[str] = []
-    try:
+    with private_dockerd({"bonneville": {"path": bonneville}}, IMAGE) as docker:
+        base = Path(docker.socket_path).parent
+
+        def one(_: object = None) -> tuple[float, str]:
+            return run_one(docker, args.runtime)
+
         # Warm-up, alone and in parallel: the image cache and the daemons' lazily opened
         # connections must not count as leaks.
-        daemon.run_one()
+        one()
         with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
-            list(pool.map(lambda _: daemon.run_one(), range(3)))
+            list(pool.map(one, range(3)))
         before = _wait_settled(base, args.clone_glob, {})
         started = time.monotonic()
-        sequential = [daemon.run_one() for _ in range(args.sequential)]
+        sequential = [one() for _ in range(args.sequential)]
         seq_wall = time.monotonic() - started
         started = time.monotonic()
         with concurrent.futures.ThreadPoolExecutor(max_workers=args.concurrent) as pool:
-            parallel = list(pool.map(lambda _: daemon.run_one(), range(args.concurrent)))
+            parallel = list(pool.map(one, range(args.concurrent)))
         par_wall = time.monotonic() - started
         after = _wait_settled(base, args.clone_glob, before)
-        failures = [e for _, e in sequential + parallel if e]
-        print("| runs | containers | failed | wall | median | p95 |")
-        print("| --- | --- | --- | --- | --- | --- |")
-        print(_times("sequential", sequential, seq_wall))
-        print(_times("concurrent", parallel, par_wall))
-        print()
-        print("| resource | before | after |")
-        print("| --- | --- | --- |")
-        for key in before:
-            print(f"| {key} | {before[key]} | {after[key]} |")
-        for error in sorted(set(failures))[:10]:
-            print(f"\nfailure: {error}")
-        leaked = {k for k in before if after[k] > before[k]}
-        if leaked:
-            print(f"\nLEAKED: {', '.join(sorted(leaked))}")
-        return 1 if failures or leaked else 0
-    finally:
-        daemon.close()
-        shutil.rmtree(base, ignore_errors=True)
+    failures = [e for _, e in sequential + parallel if e]
+    print("| runs | containers | failed | wall | median | p95 |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    print(_times("sequential", sequential, seq_wall))
+    print(_times("concurrent", parallel, par_wall))
+    print()
+    print("| resource | before | after |")
+    print("| --- | --- | --- |")
+    for key in before:
+        print(f"| {key} | {before[key]} | {after[key]} |")
+    for error in sorted(set(failures))[:10]:
+        print(f"\nfailure: {error}")
+    leaked = {k for k in before if after[k] > before[k]}
+    if leaked:
+        print(f"\nLEAKED: {', '.join(sorted(leaked))}")
+    return 1 if failures or leaked else 0
 
 
 if __name__ == "__main__":
