@@ -257,7 +257,8 @@ def private_dockerd(runtimes: dict[str, dict[str, object]], image: str) -> Itera
         # private daemon's own, so they go with it. Our monitors and VMs must already be gone.
         for line in leftover_processes(str(base)):
             pid, _, command = line.partition(": ")
-            if "containerd-shim" in command:
+            # (gVisor's sandbox and gofer, when the benchmarks compare with runsc, likewise.)
+            if "containerd-shim" in command or command.startswith("runsc-"):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid), signal.SIGKILL)
         shutil.rmtree(base, ignore_errors=True)

@@ -63,7 +63,8 @@ def attempt(action: Callable[[], float]) -> float | str:
     except (subprocess.CalledProcessError, AssertionError, Failed, RuntimeError) as exc:
         stderr = getattr(exc, "stderr", None)
         text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else str(exc)
-        return "fails here: " + " ".join(text.split())[:120]
+        text = " ".join(text.split()).replace("docker: Error response from daemon: ", "")
+        return "fails here: " + (text if len(text) <= 160 else "…" + text[-160:])
 
 
 def fmt(value: float | str, base: float | str) -> list[str]:
