@@ -330,6 +330,11 @@ class Monitor:
                 with contextlib.suppress(OSError):
                     _send_json(self.sync, {"phase": "error", "error": message})
             self._teardown()
+            if self.vm is not None and self.backend is not None:
+                # create records no backend state when it fails, so no later delete will ask the
+                # backend to release what lives beyond the VM (libvirtd's host links, roots).
+                with contextlib.suppress(Exception):
+                    self.backend.destroy(self.vm.private_state())
             return 1
         assert self.sync is not None
         self.sync.close()
