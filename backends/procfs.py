@@ -2,11 +2,57 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
+import signal
+import time
 
 from bonneville.guest.proc import descendants
 
-__all__ = ["descendants", "is_alive", "kill_tree", "process_state", "start_time"]
+__all__ = [
+    "descendants",
+    "is_alive",
+    "kill_pinned",
+    "kill_tree",
+    "process_state",
+    "start_time",
+    "wait_fd",
+]
+
+
+def wait_fd(fd: int, deadline: float) -> bool:
+    """Wait until ``fd`` is readable (for a pidfd: the process ended) or the deadline passes."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        if poller.poll(remaining * 1000):
+            return True
+
+
+def kill_pinned(pid: int, start: int | None, wait: float) -> None:
+    """SIGKILL that very process (PID *and* start time) and wait up to ``wait`` for its end.
+
+    The pidfd pins the process: once its start time is checked through it, the signal cannot
+    reach another process that reused the PID in between. Gone already is fine.
+    """
+    if pid <= 0:
+        return
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return
+    try:
+        if not is_alive(pid, start):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        wait_fd(pidfd, time.monotonic() + wait)
+    finally:
+        os.close(pidfd)
 
 
 def start_time(pid: int) -> int | None:

@@ -128,34 +128,9 @@ def connect(uri: str, log_path: str | None = None) -> libvirt.virConnect:
     return conn
 
 
-def _wait_fd(fd: int, deadline: float) -> bool:
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        if poller.poll(remaining * 1000):
-            return True
-
-
 def kill_qemu(pid: int, start_time: int | None, wait: float = KILL_WAIT) -> None:
     """SIGKILL that very QEMU (pid *and* start time) and wait until it is gone."""
-    if pid <= 0:
-        return
-    try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:
-        return
-    try:
-        # The pidfd pins the process: the start-time check cannot race with PID reuse.
-        if not procfs.is_alive(pid, start_time):
-            return
-        with contextlib.suppress(ProcessLookupError):
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        _wait_fd(pidfd, time.monotonic() + wait)
-    finally:
-        os.close(pidfd)
+    procfs.kill_pinned(pid, start_time, wait)
 
 
 def _connect_agent(path: str, deadline: float) -> socket.socket:
@@ -247,7 +222,7 @@ class LibvirtVM(VM):
         if not self.poll():
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-            _wait_fd(self._pidfd, time.monotonic() + max(timeout, 0.1))
+            procfs.wait_fd(self._pidfd, time.monotonic() + max(timeout, 0.1))
         # Reap it if it became our child (embedded: the monitor is its subreaper).
         with contextlib.suppress(ChildProcessError, OSError):
             os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOHANG)

@@ -103,18 +103,6 @@ def _die_with_parent() -> Callable[[], None]:
     return preexec
 
 
-def _wait_fd(fd: int, deadline: float) -> bool:
-    """Wait until ``fd`` is readable (a pidfd: the process ended) or the deadline passes."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        if poller.poll(remaining * 1000):
-            return True
-
-
 def _error_line(path: str, offset: int) -> str:
     """QEMU's error message in its log after ``offset``: its last ``qemu…: `` line.
 
@@ -243,7 +231,7 @@ class QemuVM(VM):
                 # No answer (hung, or already exiting and gone from the socket): a signal
                 # reaches QEMU even when its monitor does not.
                 self._signal(signal.SIGTERM)
-            if not _wait_fd(self._pidfd, deadline):
+            if not procfs.wait_fd(self._pidfd, deadline):
                 self._signal(signal.SIGKILL)
         self._proc.wait()
         self._release()
@@ -471,7 +459,7 @@ class QemuBackend(Backend):
         """Make sure a QEMU that failed to start is gone and reaped; its exit status."""
         # A QEMU that rejected its arguments is already exiting: give it a moment so its error
         # message is complete in the log, then kill whatever is left.
-        if pidfd < 0 or not _wait_fd(pidfd, time.monotonic() + 1.0):
+        if pidfd < 0 or not procfs.wait_fd(pidfd, time.monotonic() + 1.0):
             proc.kill()
         status = proc.wait()
         if pidfd >= 0:
@@ -482,23 +470,5 @@ class QemuBackend(Backend):
         return procfs.is_alive(int(private.get("pid", 0)), private.get("start_time"))
 
     def destroy(self, private: dict[str, Any]) -> None:
-        pid = int(private.get("pid", 0))
-        if pid <= 0:
-            return
-        try:
-            pidfd = os.pidfd_open(pid)
-        except (ProcessLookupError, OSError):
-            return
-        try:
-            # The pidfd pins this process: if its start time matches now, the signal below
-            # cannot hit another process that reused the PID in between.
-            if not procfs.is_alive(pid, private.get("start_time")):
-                return
-            try:
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            except ProcessLookupError:
-                return
-            # The caller (delete) removes the VM's files next: wait until QEMU has let go.
-            _wait_fd(pidfd, time.monotonic() + KILL_WAIT)
-        finally:
-            os.close(pidfd)
+        # The caller (delete) removes the VM's files next: wait until QEMU has let go.
+        procfs.kill_pinned(int(private.get("pid", 0)), private.get("start_time"), KILL_WAIT)
