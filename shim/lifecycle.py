@@ -622,7 +622,7 @@ def ps(ctx: Context, container_id: str) -> list[int]:
 
 
 def update(ctx: Context, container_id: str, resources: dict[str, Any]) -> None:
-    """Change a running (or created, or paused) container's limits inside its VM."""
+    """Change the limits of a created or running container, inside its VM."""
     with ctx.store.lock(container_id):
         st = ctx.store.load(container_id)
         status = refresh(ctx, st)
