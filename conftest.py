@@ -136,6 +136,16 @@ def leftover_processes(marker: str) -> list[str]:
     return found
 
 
+def terminate(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """SIGTERM a process the tests started, SIGKILL it if it outlives ``timeout``, reap it."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def stop_daemon(daemon: subprocess.Popen[bytes], base: Path) -> None:
     """Stop a daemon the tests started (TERM, then KILL), unmount what it left under ``base``
     and remove ``base``."""

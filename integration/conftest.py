@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import Runtime, leftover_processes, terminate
+
 LIBVIRTD_SOCKET = "/run/libvirt/libvirt-sock"
 
 
@@ -63,7 +65,7 @@ class Libvirtd:
 
     def stop_libvirtd(self) -> None:
         if self.libvirtd is not None:
-            _stop(self.libvirtd)
+            terminate(self.libvirtd)
             self.libvirtd = None
 
     def restart(self) -> None:
@@ -74,17 +76,18 @@ class Libvirtd:
     def stop(self) -> None:
         self.stop_libvirtd()
         if self.virtlogd is not None:
-            _stop(self.virtlogd)
+            terminate(self.virtlogd)
             self.virtlogd = None
 
 
-def _stop(daemon: subprocess.Popen[bytes]) -> None:
-    daemon.terminate()
-    try:
-        daemon.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        daemon.kill()
-        daemon.wait()
+@pytest.fixture
+def runtime(tmp_path: Path) -> Iterator[Runtime]:
+    """The CLI on the QEMU backend (suites with other needs define their own); every monitor
+    and VM of the test must be gone afterwards."""
+    rt = Runtime(tmp_path / "state", "qemu")
+    yield rt
+    rt.cleanup()
+    assert leftover_processes(str(rt.root)) == []
 
 
 @pytest.fixture(scope="session")

@@ -8,23 +8,14 @@ import json
 import os
 import signal
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import Runtime, default_config, leftover_processes, write_bundle
+from conftest import Runtime, default_config, write_bundle
 from tests.faults import Waiter, assert_clean, vm_pid, wait_until
 
 pytestmark = pytest.mark.vm
-
-
-@pytest.fixture
-def runtime(tmp_path: Path) -> Iterator[Runtime]:
-    rt = Runtime(tmp_path / "state", "qemu")
-    yield rt
-    rt.cleanup()
-    assert leftover_processes(str(rt.root)) == []
 
 
 def _start(

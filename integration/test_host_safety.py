@@ -6,23 +6,14 @@ from __future__ import annotations
 import os
 import subprocess
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import Runtime, default_config, leftover_processes, write_bundle
+from conftest import Runtime, default_config, write_bundle
 from tests.faults import vm_pid
 
 pytestmark = pytest.mark.vm
-
-
-@pytest.fixture
-def runtime(tmp_path: Path) -> Iterator[Runtime]:
-    rt = Runtime(tmp_path / "state", "qemu")
-    yield rt
-    rt.cleanup()
-    assert leftover_processes(str(rt.root)) == []
 
 
 def test_qemu_is_sandboxed_and_holds_no_stray_descriptors(runtime: Runtime, tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ import pytest
 from bonneville.backends.vsphere import backend as vsb
 from bonneville.backends.vsphere.config import VSphereSettings
 from bonneville.backends.vsphere.transport import preamble
+from conftest import terminate
 
 LAUNCHER = Path(__file__).parent / "vcsim" / "main.go"
 GOPATH = "/usr/share/gocode"
@@ -112,12 +113,7 @@ def vcsim() -> Iterator[Vcsim]:
             pytest.fail(f"vcsim did not start: {line!r}")
         yield Vcsim(line.split()[1], USERNAME, password, proc)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc, timeout=15)
 
 
 # ---- looking at vcsim through the API --------------------------------------------------------
