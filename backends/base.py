@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import enum
 import importlib
+import json
+import os
 import socket
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -112,6 +114,29 @@ class Backend(ABC):
     @abstractmethod
     def destroy(self, private: dict[str, Any]) -> None:
         """Kill whatever is left of that VM; idempotent, never fails on an already gone VM."""
+
+
+# What a launch has made so far beyond the monitor's own children and namespaces (host links,
+# a QEMU that libvirtd forked, a remote VM), in the VM's run directory. A backend writes it
+# *before* making each such thing, so a monitor killed half-way through launch() still leaves
+# the CLI what it needs to destroy() the rest; create records the full state once it is ready.
+JOURNAL_FILE = "backend-journal.json"
+
+
+def write_journal(run_dir: str, private: dict[str, Any]) -> None:
+    from bonneville.shim.state import atomic_write
+
+    atomic_write(os.path.join(run_dir, JOURNAL_FILE), json.dumps(private).encode())
+
+
+def read_journal(run_dir: str) -> dict[str, Any]:
+    """The last journal written in ``run_dir`` ({} if none, or if it cannot be read)."""
+    try:
+        with open(os.path.join(run_dir, JOURNAL_FILE), encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 _BACKENDS = {

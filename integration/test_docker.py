@@ -35,10 +35,13 @@ def runtime_name(backend: str) -> str:
 @pytest.fixture(params=BACKENDS)
 def docker(
     request: pytest.FixtureRequest, dockerd: Docker, monkeypatch: pytest.MonkeyPatch
-) -> Docker:
+) -> Iterator[Docker]:
     """The shared dockerd, with containers run by the runtime of one backend."""
     use_backend(request, monkeypatch)
-    return Docker(dockerd.socket_path, runtime_name(str(request.param)))
+    yield Docker(dockerd.socket_path, runtime_name(str(request.param)))
+    # Each case removes its containers: the host-side links of libvirtd's VMs went with them
+    # (checked per case, so a leak names the case that made it).
+    assert host_links_of_ours() == []
 
 
 @pytest.fixture(scope="module")

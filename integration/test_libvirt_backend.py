@@ -22,9 +22,10 @@ from pathlib import Path
 import pytest
 
 from bonneville.backends import procfs
+from bonneville.backends.base import JOURNAL_FILE
 from bonneville.backends.libvirt import uri as uris
 from bonneville.backends.libvirt.hostnet import OUR_LINK
-from conftest import Runtime, leftover_processes
+from conftest import Runtime, default_config, leftover_processes, write_bundle
 from integration.backends import URIS
 from integration.conftest import Libvirtd
 from tests.test_lifecycle import make_bundle, wait_for, wait_status
@@ -145,6 +146,65 @@ def test_delete_kills_the_vm_of_a_killed_monitor(runtime: Runtime, tmp_path: Pat
     result = runtime("exec", "c2", "echo", "still here")
     assert (result.returncode, result.stdout) == (0, b"still here\n")
     runtime("delete", "--force", "c2", check=True)
+
+
+@pytest.fixture
+def container_netns() -> Iterator[str]:
+    """A network namespace as dockerd's bridge driver leaves one: a veth with an address and a
+    default route (the host end stays outside, as dockerd's does)."""
+    name = f"bvtest-{os.getpid()}"
+    outside, inside = f"bvto{os.getpid() % 10000}", f"bvti{os.getpid() % 10000}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(
+            ["ip", "link", "add", outside, "type", "veth", "peer", "name", inside], check=True
+        )
+        subprocess.run(["ip", "link", "set", inside, "netns", name], check=True)
+        for args in (
+            ["addr", "add", "172.31.250.2/24", "dev", inside],
+            ["link", "set", inside, "up"],
+            ["route", "add", "default", "via", "172.31.250.1"],
+        ):
+            subprocess.run(["ip", "-n", name, *args], check=True)
+        yield f"/run/netns/{name}"
+    finally:
+        subprocess.run(["ip", "link", "del", outside], check=False, capture_output=True)
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_a_monitor_killed_during_create_leaves_nothing(
+    runtime: Runtime, tmp_path: Path, container_netns: str
+) -> None:
+    """The monitor dies after libvirt started QEMU (and, under qemu:///system, after the host
+    links exist) but before create recorded the VM: what the launch journalled is destroyed."""
+    config = default_config(["true"])
+    linux = config["linux"]
+    assert isinstance(linux, dict)
+    for namespace in linux["namespaces"]:
+        if namespace["type"] == "network":
+            namespace["path"] = container_netns
+    bundle = write_bundle(tmp_path / "bundle", config)
+    journal = runtime.root / "c1" / JOURNAL_FILE
+    with tempfile.TemporaryFile() as err:
+        create = subprocess.Popen(
+            runtime.argv("create", "-b", str(bundle), "c1"),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+        # libvirt cold-boots: the guest takes seconds to answer, long after QEMU's pid is known.
+        wait_for(lambda: journal.exists() and "pid" in json.loads(journal.read_text()))
+        blob = json.loads(journal.read_text())
+        os.kill(
+            int(json.loads((runtime.root / "c1" / "state.json").read_text())["pid"]), signal.SIGKILL
+        )
+        assert create.wait(timeout=120) != 0
+        err.seek(0)
+        assert err.read().strip().count(b"\n") == 0  # one line
+    assert not (runtime.root / "c1").exists()
+    assert not procfs.is_alive(int(blob["pid"]), blob["start_time"])
+    if "links" in blob:
+        assert blob["links"] and our_links() == []
 
 
 def test_containers_survive_a_libvirtd_restart(

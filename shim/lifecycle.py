@@ -234,16 +234,18 @@ def _abort_create(ctx: Context, st: ContainerState, monitor_pid: int) -> None:
             os.kill(monitor_pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(monitor_pid, 0)
-    if st.backend_state:
-        _destroy_vm(st)
+    _destroy_vm(ctx, st)
     ctx.store.remove(st.id)
 
 
-def _destroy_vm(st: ContainerState) -> None:
-    from bonneville.backends.base import get_backend
+def _destroy_vm(ctx: Context, st: ContainerState) -> None:
+    """Destroy what is left of the VM: as create recorded it, else as far as its launch got."""
+    from bonneville.backends.base import get_backend, read_journal
 
-    with contextlib.suppress(BonnevilleError):
-        get_backend(st.backend).destroy(st.backend_state)
+    private = st.backend_state or read_journal(ctx.store.path(st.id))
+    if private:
+        with contextlib.suppress(BonnevilleError):
+            get_backend(st.backend).destroy(private)
 
 
 def _monitor_call(ctx: Context, st: ContainerState, request: dict[str, Any]) -> dict[str, Any]:
@@ -378,7 +380,7 @@ def kill(ctx: Context, container_id: str, signum: int, all_processes: bool = Fal
                 raise
             # A wedged monitor must not make SIGKILL fail: kill it, its VM dies with it.
             _forward(st.pid, signal.SIGKILL)
-            _destroy_vm(st)
+            _destroy_vm(ctx, st)
 
 
 def _wait_gone(pid: int, start_time: int | None, timeout: float) -> bool:
@@ -411,8 +413,7 @@ def _stop_monitor(ctx: Context, st: ContainerState) -> None:
         if not _wait_gone(st.pid, st.pid_start, MONITOR_EXIT_TIMEOUT):
             _forward(st.pid, signal.SIGKILL)
             _wait_gone(st.pid, st.pid_start, MONITOR_EXIT_TIMEOUT)
-    if st.backend_state:
-        _destroy_vm(st)
+    _destroy_vm(ctx, st)
 
 
 def delete(ctx: Context, container_id: str, force: bool = False) -> None:

@@ -326,15 +326,16 @@ class Monitor:
                 str(exc) if isinstance(exc, BonnevilleError) else f"{type(exc).__name__}: {exc}"
             )
             log.error("setup failed: %s\n%s", message, traceback.format_exc())
-            if self.sync is not None:
-                with contextlib.suppress(OSError):
-                    _send_json(self.sync, {"phase": "error", "error": message})
+            # Clean up before telling create: it kills this process as soon as it hears.
             self._teardown()
             if self.vm is not None and self.backend is not None:
                 # create records no backend state when it fails, so no later delete will ask the
                 # backend to release what lives beyond the VM (libvirtd's host links, roots).
                 with contextlib.suppress(Exception):
                     self.backend.destroy(self.vm.private_state())
+            if self.sync is not None:
+                with contextlib.suppress(OSError):
+                    _send_json(self.sync, {"phase": "error", "error": message})
             return 1
         assert self.sync is not None
         self.sync.close()

@@ -33,7 +33,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from bonneville.backends import procfs
-from bonneville.backends.base import VM, Backend, Capability, VMConfig
+from bonneville.backends.base import VM, Backend, Capability, VMConfig, write_journal
 from bonneville.backends.libvirt import uri as uris
 from bonneville.backends.libvirt.xml import DomainOptions, build_xml
 from bonneville.spec.errors import BackendError
@@ -267,7 +267,6 @@ class LibvirtBackend(Backend):
                 _become_subreaper()
                 connect_uri = uris.embed_uri(root)
                 agent_socket = os.path.join(root, "agent.sock")
-                pidfile = os.path.join(root, "run", "qemu", f"{name}.pid")
                 vm_config = config
             else:
                 from bonneville.backends.libvirt import hostnet
@@ -278,17 +277,18 @@ class LibvirtBackend(Backend):
                 private["sockdir"] = sockdir
                 cleanup.append(lambda: shutil.rmtree(sockdir, ignore_errors=True))
                 agent_socket = os.path.join(sockdir, "agent.sock")
-                pidfile = os.path.join(uris.SYSTEM_RUN_DIR, f"{name}.pid")
-                links: list[str] = []
+                links = hostnet.host_links(key.hex, len(config.nics))
                 private["links"] = links
+                write_journal(config.run_dir, private)
                 cleanup.append(lambda: hostnet.remove(links))
-                vm_config = hostnet.wire(config, key.hex, links)
+                vm_config = hostnet.wire(config, key.hex)
                 # QEMU runs in the host's mount namespace; the share and its bind mounts exist
                 # only in the monitor's (this process), whose root QEMU reaches through /proc:
                 # libvirt keeps a root QEMU's capabilities (CAP_SYS_PTRACE among them).
                 vm_config = replace(
                     vm_config, share_dir=f"/proc/{os.getpid()}/root{config.share_dir}"
                 )
+            write_journal(config.run_dir, private)  # a domain may exist from here on
             conn = connect(connect_uri, log_path)
             options = DomainOptions(
                 name=name,
@@ -305,9 +305,10 @@ class LibvirtBackend(Backend):
             cleanup.append(lambda: _destroy_quietly(dom))
             if target.embedded:
                 uris.export_capabilities(private["root"])
-            pid, start = _read_pid(pidfile)
+            pid, start = _read_pid(_pidfile(private))
             private["pid"] = pid
             private["start_time"] = start
+            write_journal(config.run_dir, private)
             cleanup.append(lambda: kill_qemu(pid, start))
             pidfd = os.pidfd_open(pid)
             try:
@@ -333,7 +334,12 @@ class LibvirtBackend(Backend):
         # No libvirt call: an embed root is held by its monitor (or gone with it), and libvirtd
         # may be down. With its QEMU dead, libvirtd drops the transient domain by itself
         # (*measured* 1.4 s later; calling virDomainDestroy would make us wait for that).
-        kill_qemu(int(private.get("pid", 0)), private.get("start_time"))
+        if "pid" in private:
+            kill_qemu(int(private["pid"]), private.get("start_time"))
+        else:  # a launch that ended before it read the pid libvirt wrote: look there
+            pid = _domain_qemu(private)
+            if pid:
+                kill_qemu(pid, procfs.start_time(pid))
         if private.get("links"):
             from bonneville.backends.libvirt import hostnet
 
@@ -354,6 +360,29 @@ def _become_subreaper() -> None:
 def _destroy_quietly(dom: libvirt.virDomain) -> None:
     with contextlib.suppress(Exception):
         dom.destroy()
+
+
+def _pidfile(private: dict[str, Any]) -> str:
+    name = str(private.get("name", ""))
+    root = private.get("root")
+    run_dir = os.path.join(str(root), "run", "qemu") if root else uris.SYSTEM_RUN_DIR
+    return os.path.join(run_dir, f"{name}.pid")
+
+
+def _domain_qemu(private: dict[str, Any]) -> int:
+    """The PID of the QEMU running our domain, from libvirt's pid file (0 if none runs)."""
+    name = str(private.get("name", ""))
+    if not name.startswith("bonneville-"):
+        return 0
+    try:
+        with open(_pidfile(private), encoding="ascii") as f:
+            pid = int(f.read().strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except (OSError, ValueError):
+        return 0
+    # A stale pid file may name a reused PID: only a QEMU started for this domain counts.
+    return pid if f"guest={name}".encode() in b" ".join(argv) else 0
 
 
 def _read_pid(pidfile: str) -> tuple[int, int]:

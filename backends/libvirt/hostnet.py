@@ -18,6 +18,7 @@ create except the container veth's ingress qdisc, which the monitor created in t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -25,6 +26,8 @@ from dataclasses import replace
 
 from bonneville.backends.base import VMConfig
 from bonneville.spec.errors import BackendError
+
+log = logging.getLogger(__name__)
 
 _ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 # Host-side names we create: bv + 8 hex of the VM's key + role (c, h, t) + NIC index.
@@ -92,11 +95,16 @@ def link_names(key: str, index: int) -> tuple[str, str, str]:
     return f"{prefix}c{index}", f"{prefix}h{index}", f"{prefix}t{index}"
 
 
-def wire(config: VMConfig, key: str, created: list[str]) -> VMConfig:
+def host_links(key: str, count: int) -> list[str]:
+    """The host-side names ``wire`` creates for ``count`` NICs (to journal before it does)."""
+    return [name for index in range(count) for name in link_names(key, index)[1:]]
+
+
+def wire(config: VMConfig, key: str) -> VMConfig:
     """Build each NIC's path into the host; ``config`` for a QEMU there (its taps renamed).
 
-    Called in the monitor, inside the container's network namespace. Host-side names are
-    appended to ``created`` as soon as they exist, so a failure half-way can be undone.
+    Called in the monitor, inside the container's network namespace. Undo a failure half-way
+    with ``remove(host_links(key, len(config.nics)))``: it skips names that do not exist.
     """
     host = host_netns()
     nics = []
@@ -111,12 +119,10 @@ def wire(config: VMConfig, key: str, created: list[str]) -> VMConfig:
         _run(["ip", "link", "del", "dev", tap])
         _run(["tc", "qdisc", "del", "dev", container_if, "ingress"])
         _run(["ip", "link", "add", inner, "mtu", str(mtu), "type", "veth", "peer", "name", outer])
-        created.append(outer)
         _run(["ip", "link", "set", "dev", outer, "netns", host])
         _run(["ip", "link", "set", "dev", inner, "up"])
         _mirror(container_if, inner, None)
         _run(["ip", "tuntap", "add", "dev", host_tap, "mode", "tap"], host)
-        created.append(host_tap)
         _run(["ip", "link", "set", "dev", host_tap, "mtu", str(mtu), "up"], host)
         _run(["ip", "link", "set", "dev", outer, "up"], host)
         _mirror(outer, host_tap, host)
@@ -133,8 +139,12 @@ def remove(names: list[str]) -> None:
         result = subprocess.run(
             ["nsenter", f"--net={host}", "ip", "link", "del", "dev", name],
             capture_output=True,
+            text=True,
             env=_ENV,
             close_fds=True,
             check=False,
         )
-        del result  # absent already (the pair's other end took it along): nothing to do
+        # Failing is fine for a name that is absent (never made, or the pair's other end took
+        # it along); anything else is a leak someone must hear about.
+        if result.returncode != 0 and "Cannot find device" not in result.stderr:
+            log.warning("cannot delete host link %s: %s", name, result.stderr.strip())
