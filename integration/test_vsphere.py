@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from bonneville.backends.base import JOURNAL_FILE
 from bonneville.backends.vsphere import backend as vsb
 from bonneville.guest.agent import ROOT_DISK_LABEL, ext4_identity
 from conftest import Runtime, default_config, leftover_processes, write_bundle
@@ -34,6 +37,7 @@ from integration.vsphere_env import (
     vcsim,
     vms,
 )
+from tests.test_lifecycle import wait_for
 
 __all__ = ["vcsim"]  # the session fixture, imported so pytest finds it here
 
@@ -213,6 +217,32 @@ def test_agent_that_never_connects_fails_create_and_leaves_nothing(
     assert leftovers(vcsim) == ([], [])
 
 
+def test_a_monitor_killed_during_create_leaves_nothing(
+    runtime: Runtime, vcsim: Vcsim, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed while waiting for the agent, before create recorded the VM: the VM and its folder
+    are destroyed from the launch journal."""
+    monkeypatch.setenv("BONNEVILLE_VSPHERE_AGENT_TIMEOUT", "120")
+    bundle = make_bundle(tmp_path, ["true"])
+    journal = runtime.root / "j1" / JOURNAL_FILE
+    with tempfile.TemporaryFile() as err:
+        create = subprocess.Popen(
+            runtime.argv("create", "--bundle", str(bundle), "j1"),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+        wait_for(journal.exists)
+        with vsb.session(vcsim.settings()) as si:
+            assert vsb.find_vm(si, json.loads(journal.read_text())["vm"]) is not None
+        os.kill(int(json.loads((runtime.root / "j1" / "state.json").read_text())["pid"]), 9)
+        assert create.wait(timeout=60) != 0
+        err.seek(0)
+        assert err.read().strip().count(b"\n") == 0  # one line
+    assert not (runtime.root / "j1").exists()
+    assert leftovers(vcsim) == ([], [])
+
+
 def test_a_wrong_token_is_refused(
     runtime: Runtime, vcsim: Vcsim, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -347,7 +377,8 @@ def test_instant_clone_refused_by_the_server_falls_back_to_a_linked_clone(
         vm.stop()
         reap_guests()
     assert leftovers(vcsim) == ([], [])
-    assert sorted(os.listdir(run_dir)) == []  # the local disk image went after its upload
+    # The local disk image went after its upload; the launch journal stays until delete.
+    assert sorted(os.listdir(run_dir)) == [JOURNAL_FILE]
 
 
 def test_delete_after_the_monitor_died_destroys_the_vm_through_the_api(

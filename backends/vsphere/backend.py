@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from bonneville.backends.base import VM, Backend, Capability, VMConfig
+from bonneville.backends.base import VM, Backend, Capability, VMConfig, write_journal
 from bonneville.backends.vsphere import media, specs
 from bonneville.backends.vsphere.config import VSphereSettings, load
 from bonneville.backends.vsphere.datastore import Datastore, ds_path
@@ -562,6 +562,17 @@ class VSphereBackend(Backend):
                 vm, path = self._make_vm(
                     si, inv, cfg, iso, iso_path, image_key, name, token, attempt, allow_instant
                 )
+                # What destroy() needs, should this process die before create records it.
+                write_journal(
+                    config.run_dir,
+                    {
+                        "vm": vm._moId,
+                        "name": name,
+                        "datacenter": inv.datacenter.name,
+                        "datastore": inv.datastore.name,
+                        "folder": _vm_folder(vm)[1],
+                    },
+                )
                 try:
                     folder_rel, plan = self._configure(
                         vm, inv, disk, listener.uri(advertise), config, token, image_key, attempt
@@ -597,10 +608,7 @@ class VSphereBackend(Backend):
     ) -> tuple[str, specs.ContainerPlan]:
         """Upload the root disk into the VM's folder and add it, the serial ports, the size."""
         name = vm.name
-        folder_path = os.path.dirname(str(vm.config.files.vmPathName)).rstrip("/")
-        folder_rel = folder_path.split("] ", 1)[1] if "] " in folder_path else ""
-        if not folder_rel:
-            raise BackendError(f"VM {name} has no folder of its own: {folder_path}")
+        folder_path, folder_rel = _vm_folder(vm)
         undo.push(f"delete {folder_path}", lambda: inv.datastore.delete(folder_rel))
         for local in (disk.flat, disk.descriptor):
             inv.datastore.upload(local, f"{folder_rel}/{os.path.basename(local)}")
@@ -728,6 +736,15 @@ class VSphereBackend(Backend):
                 inv = resolve(si, self.settings)
                 if inv.datastore.name == private.get("datastore"):
                     inv.datastore.delete(folder)
+
+
+def _vm_folder(vm: Any) -> tuple[str, str]:
+    """The VM's own datastore folder: ("[ds] dir", "dir")."""
+    folder_path = os.path.dirname(str(vm.config.files.vmPathName)).rstrip("/")
+    folder_rel = folder_path.split("] ", 1)[1] if "] " in folder_path else ""
+    if not folder_rel:
+        raise BackendError(f"VM {vm.name} has no folder of its own: {folder_path}")
+    return folder_path, folder_rel
 
 
 def _unlink(path: str) -> None:
