@@ -10,6 +10,7 @@ backend and the tests; every difference between the two modes lives in ``Mode``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -669,6 +670,21 @@ class ExecSpec:
         return mask
 
 
+class Child:
+    """A forked child on its way to execve: its error pipe and our ends of its stdio."""
+
+    def __init__(self, spec: ExecSpec, pid: int, err_r: int, parent_fds: list[int]) -> None:
+        self.spec = spec
+        self.pid = pid
+        self.err_r = err_r
+        self.parent_fds = parent_fds
+
+    def discard(self) -> None:
+        for fd in [self.err_r, *self.parent_fds]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 class Proc:
     """A process the host started: its streams and the stdin bytes it has not read yet."""
 
@@ -758,9 +774,12 @@ def child_exec(
     slave: int | None,
     keep: int,
     cgroup: str | None = None,
+    go: int | None = None,
 ) -> None:
     """In the forked child: become the container process, in runc's order, or raise.
-    ``keep`` is the error pipe; every other descriptor beyond stdio is closed."""
+    ``keep`` is the error pipe; every other descriptor beyond stdio is closed. With ``go``
+    (a prepared init process), everything up to execve is done, then a byte read from ``go``
+    starts the program (end of file: nobody will start it; exit)."""
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(sig, signal.SIG_DFL)  # Python ignores SIGPIPE/SIGXFSZ; children must not
@@ -775,8 +794,11 @@ def child_exec(
     for target, fd in enumerate(stdio):
         os.dup2(fd, target)
     # Nothing of the agent's (the port, other processes' pipes) may leak into the container.
-    os.closerange(3, keep)
-    os.closerange(keep + 1, MAX_FD)
+    low = 3
+    for kept in sorted({keep} if go is None else {keep, go}):
+        os.closerange(low, kept)
+        low = kept + 1
+    os.closerange(low, MAX_FD)
     if spec.oom_score_adj is not None:
         write_file("/proc/self/oom_score_adj", str(spec.oom_score_adj))
     if cgroup is not None:
@@ -832,6 +854,8 @@ def child_exec(
     path = look_path(spec.args[0], env)
     if spec.no_new_privileges:
         prctl(PR_SET_NO_NEW_PRIVS, 1)
+    if go is not None and not os.read(go, 1):
+        os._exit(0)
     try:
         os.execve(path, spec.args, env)
     except OSError as exc:
@@ -967,8 +991,24 @@ def add_entropy(data: bytes, credit: bool) -> None:
         os.close(fd)
 
 
-def build_container(mode: Mode, container: dict[str, Any], log: Log) -> None:
+class Stopwatch:
+    """Laps of a request's steps, returned to the host (the monitor logs them at DEBUG)."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+        self.laps: list[tuple[str, float]] = []
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self.laps.append((name, round(now - self.last, 4)))
+        self.last = now
+
+
+def build_container(
+    mode: Mode, container: dict[str, Any], log: Log, watch: Stopwatch | None = None
+) -> None:
     """The whole of ``setup``: in runc's order, each failure naming what failed."""
+    watch = watch or Stopwatch()
     root = mode.root
     if mode.guest_wide and container.get("time") is not None:
         # First, so everything created below carries the right timestamps.
@@ -985,12 +1025,15 @@ def build_container(mode: Mode, container: dict[str, Any], log: Log) -> None:
             log("info", "host mode: resource limits not applied")
         else:
             mode.set_limits(container["resources"])
+    watch.lap("clock, entropy, cgroup")
     step = f"mount {protocol.ROOT_TAG} on {root}"
     try:
         mode.prepare_root()
+        watch.lap("root")
         for entry in container.get("mounts") or []:
             step = f"mount {entry.get('type') or 'bind'} on {entry.get('destination')}"
             mount_one(root, entry, log, mode.cgroup)
+        watch.lap("mounts")
         dev_is_tmpfs = any(
             os.path.normpath(str(m.get("destination"))) == "/dev" and m.get("type") == "tmpfs"
             for m in container.get("mounts") or []
@@ -1008,6 +1051,7 @@ def build_container(mode: Mode, container: dict[str, Any], log: Log) -> None:
                 write_file("/proc/sys/" + str(key).replace(".", "/"), str(value))
             else:
                 log("info", f"host mode: sysctl {key}={value} not applied")
+        watch.lap("devices, names, sysctls")
         for path in container.get("readonlyPaths") or []:
             step = f"make {path} read-only"
             readonly_path(root, str(path))
@@ -1017,9 +1061,11 @@ def build_container(mode: Mode, container: dict[str, Any], log: Log) -> None:
         if container.get("readonly"):
             step = "remount the root read-only"
             remount_readonly(root)
+        watch.lap("read-only and masked paths")
         if mode.guest_wide and container.get("network"):
             step = "configure the network"
             configure_network(container["network"])
+            watch.lap("network")
     except OSError as exc:
         raise Refused(f"{step}: {errtext(exc)}") from exc
 
@@ -1085,6 +1131,8 @@ class Agent:
         self.procs: dict[int, Proc] = {}
         self.by_pid: dict[int, Proc] = {}
         self.setup_done = False
+        # The init process forked at setup, waiting for start: (spec, child, its "go" pipe).
+        self.prepared: tuple[ExecSpec, Child, int] | None = None
         self.exiting = False
         self.after_reply: Callable[[], None] | None = None
         try:
@@ -1270,9 +1318,13 @@ class Agent:
         container = message["container"]
         if not isinstance(container, dict):
             raise Refused("setup: container must be an object")
-        build_container(self.mode, container, self.log)
+        watch = Stopwatch()
+        build_container(self.mode, container, self.log, watch)
         self.setup_done = True
-        return {}
+        process = message.get("process")
+        if isinstance(process, dict):
+            self.after_reply = lambda: self.prepare_init(process)
+        return {"timings": watch.laps}
 
     def op_exec(self, message: dict[str, Any]) -> dict[str, Any]:
         """Start a process in the container; its output and exit follow as frames."""
@@ -1286,12 +1338,58 @@ class Agent:
         process = message["process"]
         if not isinstance(process, dict):
             raise Refused("exec: process must be an object")
-        spec = ExecSpec(process, bool(message.get("stdin")), self.cap_last)
-        proc = self.spawn(ident, spec)
-        return {"pid": proc.pid}
+        watch = Stopwatch()
+        proc = None
+        if ident == protocol.INIT_STREAM and message.get("stdin"):
+            proc = self.start_prepared(ident, process, watch)
+        if proc is None:
+            spec = ExecSpec(process, bool(message.get("stdin")), self.cap_last)
+            proc = self.spawn(ident, spec, watch)
+        return {"pid": proc.pid, "timings": watch.laps}
 
-    def spawn(self, ident: int, spec: ExecSpec) -> Proc:
+    def spawn(self, ident: int, spec: ExecSpec, watch: Stopwatch | None = None) -> Proc:
         """Fork and exec; the child's failure text arrives on a close-on-exec pipe."""
+        return self.complete(ident, self.fork_child(spec, watch), watch)
+
+    def prepare_init(self, process: dict[str, Any]) -> None:
+        """Fork the container's process now and take it up to execve, as runc's create does:
+        the work overlaps the host's until ``start``, whose exec then only lets it go."""
+        try:
+            spec = ExecSpec(process, True, self.cap_last)
+            go_r, go_w = os.pipe()
+        except (Refused, ValueError, TypeError, OSError) as exc:
+            # start execs the usual way and reports the error where runc does.
+            self.log("info", f"init process not prepared: {describe(exc)}")
+            return
+        try:
+            self.prepared = (spec, self.fork_child(spec, go=go_r), go_w)
+        except (Refused, OSError) as exc:
+            os.close(go_w)
+            self.log("info", f"init process not prepared: {describe(exc)}")
+        finally:
+            os.close(go_r)
+
+    def start_prepared(self, ident: int, process: dict[str, Any], watch: Stopwatch) -> Proc | None:
+        """The prepared init process, let go, if ``process`` is the one it was prepared for."""
+        prepared, self.prepared = self.prepared, None
+        if prepared is None:
+            return None
+        spec, child, go_w = prepared
+        if ExecSpec(process, True, self.cap_last).__dict__ != spec.__dict__:
+            os.close(go_w)  # end of file: it exits; reap() collects it
+            child.discard()
+            return None
+        try:
+            os.write(go_w, b"g")
+        except OSError:
+            pass  # it died already: its error text (or EOF) says why
+        os.close(go_w)
+        return self.complete(ident, child, watch)
+
+    def fork_child(
+        self, spec: ExecSpec, watch: Stopwatch | None = None, go: int | None = None
+    ) -> Child:
+        """Fork a child that becomes ``spec`` (waiting for a byte on ``go`` before execve)."""
         parent_fds: list[int] = []
         child_fds: list[int] = []
         slave: int | None = None
@@ -1317,11 +1415,13 @@ class Agent:
                 parent_fds += [out_r, err_pipe_r]
                 child_fds += [out_w, err_pipe_w]
                 stdio = (in_r, out_w, err_pipe_w)
+            if watch:
+                watch.lap("stdio")
             pid = os.fork()
             if pid == 0:  # pragma: no cover - the child execs or exits
                 status = 127
                 try:
-                    child_exec(spec, self.mode.root, stdio, slave, err_w, self.mode.cgroup)
+                    child_exec(spec, self.mode.root, stdio, slave, err_w, self.mode.cgroup, go)
                 except ExecError as exc:
                     os.write(err_w, str(exc).encode(errors="replace"))
                 except OSError as exc:
@@ -1337,12 +1437,22 @@ class Agent:
         os.close(err_w)
         for fd in child_fds:
             os.close(fd)
+        if watch:
+            watch.lap("fork")
+        return Child(spec, pid, err_r, parent_fds)
+
+    def complete(self, ident: int, child: Child, watch: Stopwatch | None = None) -> Proc:
+        """Wait until the child has exec'd (or failed: Refused with its text); track it."""
+        spec, pid, parent_fds = child.spec, child.pid, child.parent_fds
         chunks = []
-        while chunk := os.read(err_r, 4096):  # EOF at exec (close-on-exec) or at exit
+        while chunk := os.read(child.err_r, 4096):  # EOF at exec (close-on-exec) or at exit
             chunks.append(chunk)
-        os.close(err_r)
+        os.close(child.err_r)
+        if watch:
+            watch.lap("child setup and execve")
         if chunks:
-            os.waitpid(pid, 0)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
             for fd in parent_fds:
                 os.close(fd)
             raise Refused(b"".join(chunks).decode(errors="replace"))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +21,10 @@ def _field(hook: Any, name: str, default: Any) -> Any:
 
 def run_hooks(kind: str, hooks: Sequence[Any], state: dict[str, Any]) -> None:
     """Run ``hooks`` in order; the first failure raises HookError naming the hook."""
+    if not hooks:
+        return
+    import subprocess  # here: most commands run no hook (CLI start-up time)
+
     payload = json.dumps(state).encode()
     for index, hook in enumerate(hooks):
         path = str(_field(hook, "path", ""))

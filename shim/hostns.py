@@ -6,12 +6,14 @@ mounts exist only there, so they vanish with the monitor and can never leak onto
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
+from typing import TYPE_CHECKING
 
 from bonneville.guest import paths
 from bonneville.spec.errors import BonnevilleError
+
+if TYPE_CHECKING:
+    import ctypes
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWNET = 0x40000000
@@ -37,14 +39,20 @@ _libc: ctypes.CDLL | None = None
 
 
 def _lib() -> ctypes.CDLL:
+    # ctypes is imported here, not at the top: most CLI commands never call libc (start-up
+    # time), and the interpreter's own symbols include libc's (find_library would run ldconfig).
     global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        import ctypes
+
+        _libc = ctypes.CDLL(None, use_errno=True)
     return _libc
 
 
 def _check(result: int, what: str) -> None:
     if result != 0:
+        import ctypes
+
         err = ctypes.get_errno()
         raise BonnevilleError(f"{what}: {os.strerror(err)}")
 
@@ -67,6 +75,8 @@ def setns(path: str, nstype: int) -> None:
 def mount(
     source: str, target: str, fstype: str | None, flags: int, data: str | None = None
 ) -> None:
+    import ctypes
+
     result = _lib().mount(
         source.encode(),
         target.encode(),

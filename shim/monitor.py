@@ -78,6 +78,18 @@ def spawn(config: MonitorConfig) -> tuple[int, socket.socket]:
         os._exit(status)
 
 
+def _laps(reply: dict[str, Any]) -> str:
+    """The agent's step timings (``timings``: [[step, seconds], …]) for a log line."""
+    laps = reply.get("timings")
+    if not isinstance(laps, list):
+        return "no timings"
+    return ", ".join(
+        f"{lap[0]} {lap[1]:.3f}"
+        for lap in laps
+        if isinstance(lap, list) and len(lap) == 2 and isinstance(lap[1], int | float)
+    )
+
+
 def _send_json(sock: socket.socket, message: dict[str, Any]) -> None:
     sock.sendall(json.dumps(message).encode() + b"\n")
 
@@ -275,8 +287,16 @@ class Monitor:
         self.agent = AgentConnection(self.vm.channel)
         self.agent.call("hello", AGENT_BOOT_TIMEOUT, version=protocol.VERSION)
         self._mark("agent answered")
-        self.agent.call("setup", AGENT_CALL_TIMEOUT, container=self._container_setup())
-        self._mark("container set up")
+        # With the process, the agent forks it right after replying and takes it up to execve
+        # while the host finishes create; start's exec then only lets it go (as runc's init
+        # waits on its exec fifo).
+        reply = self.agent.call(
+            "setup",
+            AGENT_CALL_TIMEOUT,
+            container=self._container_setup(),
+            process=self.cfg.bundle.raw.get("process") or {},
+        )
+        self._mark(f"container set up (in the guest: {_laps(reply)})")
 
     def _open_console(self) -> None:
         if not self.terminal:
@@ -588,7 +608,7 @@ class Monitor:
 
         def started(result: dict[str, Any]) -> None:
             if result.get("ok"):
-                self._mark("the container's process runs")
+                self._mark(f"the container's process runs (in the guest: {_laps(result)})")
                 self.started = True
                 self._start_stdin()
                 self._send_window_size()

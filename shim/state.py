@@ -16,7 +16,6 @@ import fcntl
 import json
 import os
 import re
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -207,6 +206,8 @@ class Store:
         return data if isinstance(data, dict) else None
 
     def remove(self, container_id: str) -> None:
+        import shutil  # here: only delete needs it (CLI start-up time)
+
         shutil.rmtree(self.path(container_id), ignore_errors=True)
 
     def ids(self) -> list[str]:

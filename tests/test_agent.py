@@ -386,6 +386,84 @@ def test_missing_cwd_is_refused(start_agent: Callable[..., Client], busybox_root
     assert run(client, ["pwd"], cwd="/etc").stdout == b"/etc\n"
 
 
+def agent_children(client: Client) -> list[int]:
+    """PIDs whose parent is the agent (its processes, prepared or running)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == client.proc.pid:
+                found.append(int(entry))
+    return found
+
+
+def prepared(start_agent: Callable[..., Client], root: Path, init: dict[str, Any]) -> Client:
+    """An agent set up with ``init`` as the process to prepare, once it is waiting."""
+    client = start_agent(root)
+    assert client.call("hello", version=protocol.VERSION)["ok"]
+    assert client.call("setup", container=container(), process=init)["ok"]
+    client.wait_for(lambda: bool(agent_children(client)), "the prepared init process")
+    return client
+
+
+def test_setup_prepares_the_init_process_and_exec_lets_it_go(
+    start_agent: Callable[..., Client], rootfs: Path
+) -> None:
+    init = process(["sh", "-c", "echo $$ > /ran; echo hi"])
+    client = prepared(start_agent, rootfs, init)
+    [waiting] = agent_children(client)
+    time.sleep(0.3)
+    assert not (rootfs / "ran").exists()  # forked and set up, not exec'd before start
+    reply = client.exec(protocol.INIT_STREAM, init, stdin=True)
+    assert reply["ok"] and reply["pid"] == waiting
+    result = client.collect(protocol.INIT_STREAM)
+    assert (result.status, result.stdout) == (0, b"hi\n")
+    assert (rootfs / "ran").read_text() == f"{waiting}\n"
+
+
+def test_a_prepared_init_that_cannot_start_fails_at_start(
+    start_agent: Callable[..., Client], busybox_rootfs: Path
+) -> None:
+    init = process(["true"], cwd="/nonexistent")
+    client = start_agent(busybox_rootfs)
+    assert client.call("hello", version=protocol.VERSION)["ok"]
+    assert client.call("setup", container=container(), process=init)["ok"]
+    reply = client.exec(protocol.INIT_STREAM, init, stdin=True)
+    assert not reply["ok"]
+    assert reply["error"] == (
+        'chdir to cwd ("/nonexistent") set in config.json failed: no such file or directory'
+    )
+    assert run(client, ["echo", "still serving"]).stdout == b"still serving\n"
+
+
+def test_another_process_than_the_prepared_one_is_forked_anew(
+    start_agent: Callable[..., Client], busybox_rootfs: Path
+) -> None:
+    client = prepared(start_agent, busybox_rootfs, process(["echo", "prepared"]))
+    [waiting] = agent_children(client)
+    reply = client.exec(protocol.INIT_STREAM, process(["echo", "other"]), stdin=True)
+    assert reply["ok"] and reply["pid"] != waiting
+    assert client.collect(protocol.INIT_STREAM).stdout == b"other\n"
+    client.wait_for(lambda: not procfs.is_alive(waiting, None), "the unused child's end")
+
+
+def test_shutdown_ends_a_prepared_init_that_never_started(
+    start_agent: Callable[..., Client], busybox_rootfs: Path
+) -> None:
+    client = prepared(start_agent, busybox_rootfs, process(["sleep", "100"]))
+    [waiting] = agent_children(client)
+    assert client.call("shutdown")["ok"]
+    assert client.proc.wait(timeout=10) == 0
+    deadline = time.monotonic() + 5
+    while procfs.is_alive(waiting, None):
+        assert time.monotonic() < deadline, "the prepared process outlived the agent"
+        time.sleep(0.01)
+
+
 def test_user_groups_env_and_no_caps_for_non_root(
     start_agent: Callable[..., Client], busybox_rootfs: Path
 ) -> None:
