@@ -136,7 +136,7 @@ def create(
     from bonneville.spec.config import load_bundle
 
     state.validate_id(container_id)
-    bundle = load_bundle(bundle_path)
+    bundle = load_bundle(bundle_path, isolated=True)  # the monitor is forked from us
     spec = bundle.spec
     if spec.process is None:
         raise BonnevilleError("config.json: process is required to create a container")

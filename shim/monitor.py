@@ -90,6 +90,17 @@ def _laps(reply: dict[str, Any]) -> str:
     )
 
 
+def _release_free_memory() -> None:
+    """Give the heap pages the CLI's code left free back to the kernel: this process lives as
+    long as the container, and its PSS is part of each container's cost (~1.4 MiB here)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # malloc_trim is glibc's
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def _send_json(sock: socket.socket, message: dict[str, Any]) -> None:
     sock.sendall(json.dumps(message).encode() + b"\n")
 
@@ -360,6 +371,7 @@ class Monitor:
         assert self.sync is not None
         self.sync.close()
         self.sync = None
+        _release_free_memory()
         return self.loop()
 
     def loop(self) -> int:

@@ -111,6 +111,17 @@ def test_monitor_exits_with_the_container_status(runtime: Runtime, tmp_path: Pat
     runtime("delete", "c1", check=True)
 
 
+def test_the_monitor_does_not_carry_the_schema_validator(runtime: Runtime, tmp_path: Path) -> None:
+    """create validates config.json in a throwaway child: the monitor, forked from create and
+    living as long as the container, never maps jsonschema's native helper (rpds)."""
+    bundle = make_bundle(tmp_path, ["sleep", "100"])
+    runtime("create", "--bundle", str(bundle), "c1", check=True)
+    monitor = int(runtime.state("c1")["pid"])  # type: ignore[call-overload]
+    maps = Path(f"/proc/{monitor}/maps").read_text()
+    assert "/rpds" not in maps
+    assert "python" in maps  # it is the Python monitor we looked at
+
+
 def test_delete_of_created_container_kills_it(runtime: Runtime, tmp_path: Path) -> None:
     bundle = make_bundle(tmp_path, ["sleep", "1000"])
     runtime("create", "-b", str(bundle), "c1", check=True)

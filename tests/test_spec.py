@@ -769,3 +769,27 @@ def test_rootless_spec(tmp_path: Path) -> None:
     loaded = load_bundle(str(make_bundle(tmp_path, spec)))
     assert loaded.spec.linux.namespace("user") is not None
     assert loaded.spec.linux.resources == Resources()
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda c: c["process"].pop("cwd"),
+        lambda c: c["mounts"].append({"destination": 7}),
+        lambda c: c.update(ociVersion="0.1.0"),
+    ],
+)
+def test_isolated_validation_refuses_as_in_process_validation(
+    tmp_path: Path, mutate: Mutation
+) -> None:
+    """create validates in a child (so its monitor never carries jsonschema): same verdicts."""
+    config = default_spec()
+    mutate(config)
+    bundle = str(make_bundle(tmp_path, config))
+    with pytest.raises(ConfigError) as here:
+        load_bundle(bundle)
+    with pytest.raises(ConfigError) as isolated:
+        load_bundle(bundle, isolated=True)
+    assert str(isolated.value) == str(here.value)
+    (tmp_path / "ok").mkdir()
+    assert load_bundle(str(make_bundle(tmp_path / "ok", default_spec())), isolated=True).spec
