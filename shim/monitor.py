@@ -128,6 +128,8 @@ class Monitor:
         self.sessions: dict[int, ExecSession] = {}
         self.own_netns = False  # we sit in the container's network namespace, not the host's
         self.interfaces: list[network.Interface] = []
+        self.early_taps: list[str] = []  # taps of a VM launched during the hooks
+        self.share_ready = False
         self.routes: list[dict[str, Any]] = []
         self.sig_r, self.sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.memory_mib = 0  # the VM's RAM, fixed at launch
@@ -199,6 +201,8 @@ class Monitor:
 
     def _prepare_share(self) -> str:
         share = os.path.join(self.cfg.state_dir, state.SHARE_DIR)
+        if self.share_ready:
+            return share
         os.mkdir(share, 0o755)
         rootfs = self.cfg.bundle.rootfs
         hostns.bind(rootfs, share, recursive=True, flags=0)
@@ -222,6 +226,7 @@ class Monitor:
         if self.spec.root.readonly:
             flags |= hostns.MS_RDONLY
         hostns.mount("none", share, None, hostns.MS_BIND | hostns.MS_REMOUNT | flags)
+        self.share_ready = True
         return share
 
     def _container_setup(self) -> dict[str, Any]:
@@ -262,15 +267,25 @@ class Monitor:
         )
 
     def _launch(self, share: str) -> None:
-        from bonneville.guest.image import ensure_image
-
-        resources = self.spec.linux.resources if self.spec.linux else None
-        host_cpus = os.cpu_count() or 1
-        self.backend = get_backend(self.cfg.backend)
-        if self.own_netns and Capability.NETWORK in self.backend.capabilities:
+        """Start the VM with a NIC per interface the namespace has now, and greet its agent."""
+        backend = self._backend()
+        if self.own_netns and Capability.NETWORK in backend.capabilities:
             self.interfaces, self.routes = network.discover()
             network.wire(self.interfaces)
-        if not self.backend.boots_guest_image:
+        self._boot(share, [(i.tap, i.mac) for i in self.interfaces])
+
+    def _backend(self) -> Backend:
+        if self.backend is None:
+            self.backend = get_backend(self.cfg.backend)
+        return self.backend
+
+    def _boot(self, share: str, nics: list[tuple[str, str]]) -> None:
+        from bonneville.guest.image import ensure_image
+
+        backend = self._backend()
+        resources = self.spec.linux.resources if self.spec.linux else None
+        host_cpus = os.cpu_count() or 1
+        if not backend.boots_guest_image:
             kernel = initrd = ""
             kernel_args: tuple[str, ...] = ()
         else:
@@ -289,15 +304,78 @@ class Monitor:
             # the guest's remount; QEMU's readonly=on would also freeze rw volumes beneath it.
             readonly_share=False,
             kernel_args=kernel_args,
-            nics=tuple((i.tap, i.mac) for i in self.interfaces),
+            nics=tuple(nics),
             extra={"runtime_netns_fd": self.runtime_netns_fd},
         )
         self._mark("launching the VM")
-        self.vm = self.backend.launch(vm_config)
+        self.vm = backend.launch(vm_config)
         self._mark("VM launched")
         self.agent = AgentConnection(self.vm.channel)
         self.agent.call("hello", AGENT_BOOT_TIMEOUT, version=protocol.VERSION)
         self._mark("agent answered")
+
+    def _launch_during_hooks(self) -> None:
+        """Clone the VM while the CLI runs the prestart/createRuntime hooks (dockerd's takes
+        ~0.15 s), instead of after them.
+
+        dockerd's hook is what moves the container's veth into our namespace, so the NICs are
+        guessed: those present now, or one if there are none yet. _adopt_early_vm() checks the
+        guess once the hooks are done, and a wrong one is undone and launched again. Only for
+        backends that clone (a cold boot outlasts any hook), and only when there are hooks.
+        """
+        hooks = self.spec.hooks
+        if not (hooks.prestart or hooks.create_runtime):
+            return
+        backend = self._backend()
+        if Capability.CLONE not in backend.capabilities:
+            return
+        taps: list[str] = []
+        try:
+            share = self._prepare_share()
+            if self.own_netns and Capability.NETWORK in backend.capabilities:
+                present, _ = network.discover()
+                taps = network.make_taps(max(len(present), 1))
+            self._boot(share, [(tap, network.placeholder_mac(i)) for i, tap in enumerate(taps)])
+        except (BonnevilleError, OSError) as exc:
+            log.info("launch during the hooks failed (%s): launching after them", exc)
+            self._discard_vm()
+            network.remove_taps(taps)
+            return
+        self.early_taps = taps
+
+    def _adopt_early_vm(self) -> None:
+        """Keep the VM launched during the hooks if it has a NIC per interface they left."""
+        interfaces: list[network.Interface] = []
+        routes: list[dict[str, Any]] = []
+        if self.early_taps:
+            interfaces, routes = network.discover()
+        if len(interfaces) != len(self.early_taps):
+            log.info(
+                "the hooks left %d interfaces, not the %d guessed: launching again",
+                len(interfaces),
+                len(self.early_taps),
+            )
+            self._discard_vm()
+            network.remove_taps(self.early_taps)
+            self.early_taps = []
+            self._launch(self._prepare_share())
+            return
+        network.mirror(interfaces, self.early_taps)
+        self.interfaces, self.routes = interfaces, routes
+
+    def _discard_vm(self) -> None:
+        if self.vm is not None:
+            with contextlib.suppress(Exception):
+                self.vm.stop(timeout=2.0)
+            assert self.backend is not None
+            with contextlib.suppress(Exception):
+                self.backend.destroy(self.vm.private_state())
+        if self.agent is not None:
+            self.agent = None
+        self.vm = None
+
+    def _set_up_container(self) -> None:
+        assert self.agent is not None
         # With the process, the agent forks it right after replying and takes it up to execve
         # while the host finishes create; start's exec then only lets it go (as runc's init
         # waits on its exec fifo).
@@ -330,12 +408,16 @@ class Monitor:
         # Phase 1: our namespaces exist; the CLI runs prestart/createRuntime hooks now
         # (dockerd's libnetwork-setkey joins /proc/<our pid>/ns/net).
         _send_json(self.sync, {"phase": "namespaces"})
+        self._launch_during_hooks()
         go = unixsock.read_line(self.sync)
         if not go or not json.loads(go).get("continue"):
             raise SetupFailed("create was abandoned")
         self._mark("hooks done")
-        share = self._prepare_share()
-        self._launch(share)
+        if self.vm is None:
+            self._launch(self._prepare_share())
+        else:
+            self._adopt_early_vm()
+        self._set_up_container()
         self._open_console()
         control_path = os.path.join(self.cfg.state_dir, state.SOCKET_FILE)
         with contextlib.suppress(FileNotFoundError):

@@ -78,10 +78,42 @@ def discover() -> tuple[list[Interface], list[dict[str, Any]]]:
 
 def wire(interfaces: list[Interface]) -> None:
     """A tap per interface, frames mirrored both ways (the tap is what QEMU opens)."""
-    for index, iface in enumerate(interfaces):
-        iface.tap = f"bvtap{index}"
-        _ip("tuntap", "add", "dev", iface.tap, "mode", "tap")
-        _ip("link", "set", iface.tap, "mtu", str(iface.mtu), "up")
+    mirror(interfaces, make_taps(len(interfaces)))
+
+
+def make_taps(count: int) -> list[str]:
+    """``count`` taps (bvtap0…), up, not yet connected to anything."""
+    taps = []
+    try:
+        for index in range(count):
+            _ip("tuntap", "add", "dev", f"bvtap{index}", "mode", "tap")
+            taps.append(f"bvtap{index}")
+            _ip("link", "set", f"bvtap{index}", "up")
+    except BonnevilleError:
+        remove_taps(taps)
+        raise
+    return taps
+
+
+def remove_taps(taps: list[str]) -> None:
+    """Delete our taps (their tc filters go with them); missing ones are fine."""
+    for tap in taps:
+        subprocess.run(
+            ["ip", "link", "del", "dev", tap], capture_output=True, env=_ENV, check=False
+        )
+
+
+def placeholder_mac(index: int) -> str:
+    """A MAC for NIC ``index`` before the interface it will carry is known (the agent gives the
+    guest NIC the interface's MAC at setup, as it does for a clone)."""
+    return f"02:42:00:00:00:{index + 1:02x}"
+
+
+def mirror(interfaces: list[Interface], taps: list[str]) -> None:
+    """Tie each interface to its tap: the tap takes its MTU, frames are mirrored both ways."""
+    for iface, tap in zip(interfaces, taps, strict=True):
+        iface.tap = tap
+        _ip("link", "set", iface.tap, "mtu", str(iface.mtu))
         for src, dst in ((iface.name, iface.tap), (iface.tap, iface.name)):
             _run("tc", "qdisc", "add", "dev", src, "ingress")
             _run(
