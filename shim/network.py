@@ -37,14 +37,6 @@ def _ip(*args: str) -> Any:
     return json.loads(result.stdout) if "-j" in args and result.stdout.strip() else None
 
 
-def _run(*argv: str) -> None:
-    result = subprocess.run(
-        list(argv), capture_output=True, text=True, env=_ENV, close_fds=True, check=False
-    )
-    if result.returncode != 0:
-        raise BonnevilleError(f"{' '.join(argv)}: {result.stderr.strip()}")
-
-
 def discover() -> tuple[list[Interface], list[dict[str, Any]]]:
     """The namespace's interfaces (not lo) with their IPv4 addresses, and its routes."""
     interfaces = []
@@ -83,16 +75,16 @@ def wire(interfaces: list[Interface]) -> None:
 
 def make_taps(count: int) -> list[str]:
     """``count`` taps (bvtap0…), up, not yet connected to anything."""
-    taps = []
+    taps = [f"bvtap{index}" for index in range(count)]
     try:
-        for index in range(count):
-            _ip("tuntap", "add", "dev", f"bvtap{index}", "mode", "tap")
-            taps.append(f"bvtap{index}")
-            _ip("link", "set", f"bvtap{index}", "up")
+        _batch("ip", [f"{verb} {tap}" for tap in taps for verb in _TAP_VERBS])
     except BonnevilleError:
         remove_taps(taps)
         raise
     return taps
+
+
+_TAP_VERBS = ("tuntap add mode tap dev", "link set up dev")
 
 
 def remove_taps(taps: list[str]) -> None:
@@ -110,34 +102,42 @@ def placeholder_mac(index: int) -> str:
 
 
 def mirror(interfaces: list[Interface], taps: list[str]) -> None:
-    """Tie each interface to its tap: the tap takes its MTU, frames are mirrored both ways."""
-    for iface, tap in zip(interfaces, taps, strict=True):
+    """Tie each interface to its tap: the tap takes its MTU, frames are mirrored both ways
+    (tc ingress redirects). One `ip` and one `tc` process for all of it: each process start
+    is milliseconds of the container's create."""
+    pairs = list(zip(interfaces, taps, strict=True))
+    if not pairs:
+        return
+    for iface, tap in pairs:
         iface.tap = tap
-        _ip("link", "set", iface.tap, "mtu", str(iface.mtu))
-        for src, dst in ((iface.name, iface.tap), (iface.tap, iface.name)):
-            _run("tc", "qdisc", "add", "dev", src, "ingress")
-            _run(
-                "tc",
-                "filter",
-                "add",
-                "dev",
-                src,
-                "parent",
-                "ffff:",
-                "protocol",
-                "all",
-                "u32",
-                "match",
-                "u8",
-                "0",
-                "0",
-                "action",
-                "mirred",
-                "egress",
-                "redirect",
-                "dev",
-                dst,
+    _batch("ip", [f"link set dev {tap} mtu {iface.mtu}" for iface, tap in pairs])
+    commands = []
+    for iface, tap in pairs:
+        for src, dst in ((iface.name, tap), (tap, iface.name)):
+            commands.append(f"qdisc add dev {src} ingress")
+            commands.append(
+                f"filter add dev {src} parent ffff: protocol all u32 match u8 0 0"
+                f" action mirred egress redirect dev {dst}"
             )
+    _batch("tc", commands)
+
+
+def _batch(tool: str, commands: list[str]) -> None:
+    """Run ``tool -batch -`` (ip or tc) over these command lines; the first failure raises."""
+    if not commands:
+        return
+    result = subprocess.run(
+        [tool, "-batch", "-"],
+        input="\n".join(commands) + "\n",
+        capture_output=True,
+        text=True,
+        env=_ENV,
+        close_fds=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        detail = "; ".join(line.strip() for line in result.stderr.splitlines() if line.strip())
+        raise BonnevilleError(f"{tool}: {detail}")
 
 
 def guest_config(interfaces: list[Interface], routes: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,0 +1,65 @@
+"""The monitor's side of container networking (shim/network.py), in a private network namespace:
+taps made in one `ip` batch, mirrored to the container's veth in one `tc` batch, removed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux")
+
+SCRIPT = r"""
+import json, subprocess
+from bonneville.shim import network
+from bonneville.spec.errors import BonnevilleError
+
+def sh(cmd):
+    return subprocess.run(cmd, shell=True, check=True, capture_output=True, text=True).stdout
+
+sh("ip link add eth0 mtu 1400 type veth peer name peer0; ip addr add 172.30.5.9/24 dev eth0;"
+   " ip link set eth0 up; ip route add default via 172.30.5.1")
+interfaces, routes = network.discover()
+taps = network.make_taps(len(interfaces))
+network.mirror(interfaces, taps)
+links = {l["ifname"]: l for l in json.loads(sh("ip -j link show"))}
+eth0 = next(i for i in interfaces if i.name == "eth0")
+filters = {dev: sh(f"tc filter show dev {dev} ingress") for dev in ("eth0", eth0.tap)}
+try:
+    network.make_taps(1)  # bvtap0 exists: the batch fails
+    error = None
+except BonnevilleError as exc:
+    error = str(exc)
+network.remove_taps([*taps, "bvtap9"])
+after = [l["ifname"] for l in json.loads(sh("ip -j link show"))]
+print(json.dumps({
+    "interfaces": [(i.name, i.mtu, i.tap, i.addresses) for i in interfaces],
+    "routes": routes, "tap": links[eth0.tap], "filters": filters, "error": error,
+    "after": after,
+}))
+"""
+
+
+def test_taps_are_made_mirrored_and_removed_in_a_private_netns() -> None:
+    result = subprocess.run(
+        ["unshare", "--net", sys.executable, "-c", SCRIPT],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    # The peer end has no address but is a veth too: both are container interfaces.
+    by_name = {name: (mtu, tap, addresses) for name, mtu, tap, addresses in data["interfaces"]}
+    assert set(by_name) == {"eth0", "peer0"}
+    mtu, tap, addresses = by_name["eth0"]
+    assert (mtu, addresses) == (1400, ["172.30.5.9/24"])
+    assert data["tap"]["mtu"] == 1400 and "UP" in data["tap"]["flags"]
+    assert "mirred" in data["filters"]["eth0"] and tap in data["filters"]["eth0"]
+    assert "mirred" in data["filters"][tap] and "eth0" in data["filters"][tap]
+    assert data["error"].startswith("ip: ") and "\n" not in data["error"]
+    assert not [name for name in data["after"] if name.startswith("bvtap")]
+    assert "eth0" in data["after"]
