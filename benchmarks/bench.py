@@ -128,14 +128,27 @@ def docker_runtimes(cold: str) -> dict[str, str]:
 
 
 def bench_docker(docker: Docker, runtimes: list[str], runs: int) -> str:
+    """Rounds of one run per runtime, interleaved: the machine's slow spells (a busy neighbour,
+    page cache reclaim) then hit every runtime alike instead of one runtime's whole series."""
     results: dict[tuple[str, str], float | str] = {}
     for label, args in (("true", ["true"]), ("echo", ["echo", "hi"])):
-        for runtime in runtimes:
-            results[runtime, label] = attempt(
-                lambda r=runtime, a=args: median_of(
-                    runs, lambda: docker.ok("run", "--rm", "--runtime", r, IMAGE, *a)
+        samples: dict[str, list[float]] = {runtime: [] for runtime in runtimes}
+        failed: dict[str, str] = {}
+        for round_ in range(runs + 1):  # round 0 warms up (and finds who cannot run here)
+            for runtime in runtimes:
+                if runtime in failed:
+                    continue
+                outcome = attempt(
+                    lambda r=runtime, a=args: timed(
+                        lambda: docker.ok("run", "--rm", "--runtime", r, IMAGE, *a)
+                    )
                 )
-            )
+                if isinstance(outcome, str):
+                    failed[runtime] = outcome
+                elif round_:
+                    samples[runtime].append(outcome)
+        for runtime in runtimes:
+            results[runtime, label] = failed.get(runtime) or statistics.median(samples[runtime])
     rows = []
     for runtime in runtimes:
         row = [runtime]
