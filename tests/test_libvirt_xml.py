@@ -6,7 +6,6 @@ domain) when libvirt-python is installed: a golden file of XML libvirt rejects w
 
 from __future__ import annotations
 
-import os
 import xml.etree.ElementTree as ET
 from dataclasses import replace
 from pathlib import Path
@@ -20,21 +19,9 @@ from bonneville.backends.libvirt.hostnet import OUR_LINK, link_names
 from bonneville.backends.libvirt.xml import METADATA_NS, DomainOptions, build_xml
 from bonneville.guest.protocol import PORT_NAME, ROOT_TAG
 from bonneville.spec.errors import BackendError
+from tests.golden_files import BASE_VM, compare_golden
 
-GOLDEN = Path(__file__).parent / "golden" / "libvirt"
-# Set to regenerate golden files instead of comparing; review the diff before committing.
-REGEN = os.environ.get("BONNEVILLE_REGEN_GOLDEN") == "1"
-
-BASE = VMConfig(
-    container_id="c1",
-    memory_mib=256,
-    vcpus=1,
-    share_dir="/run/bonneville/c1/share",
-    run_dir="/run/bonneville/c1",
-    kernel="/var/lib/bonneville/image/vmlinux",
-    initrd="/var/lib/bonneville/image/initrd.img",
-    kernel_args=("console=ttyS0", "quiet", "panic=-1"),
-)
+BASE = BASE_VM
 OPTIONS = DomainOptions(
     name="bonneville-c1-0123456789ab",
     uuid="01234567-89ab-cdef-0123-456789abcdef",
@@ -66,18 +53,10 @@ CASES: dict[str, tuple[VMConfig, DomainOptions]] = {
 }
 
 
-def compare_golden(name: str, text: str) -> None:
-    path = GOLDEN / f"{name}.xml"
-    if REGEN:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    assert text == path.read_text(), f"{path} differs; BONNEVILLE_REGEN_GOLDEN=1 to regenerate"
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_golden(name: str) -> None:
     config, options = CASES[name]
-    compare_golden(name, build_xml(config, options))
+    compare_golden("libvirt", f"{name}.xml", build_xml(config, options))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,24 +11,12 @@ from bonneville.backends.base import VMConfig
 from bonneville.backends.qemu.backend import detect_accel
 from bonneville.backends.qemu.cmdline import Boot, BootMode, QemuOptions, build_argv, escape
 from bonneville.spec.errors import BackendError
-
-GOLDEN = Path(__file__).parent / "golden" / "qemu"
-# Set to regenerate golden files instead of comparing; review the diff before committing.
-REGEN = os.environ.get("BONNEVILLE_REGEN_GOLDEN") == "1"
+from tests.golden_files import BASE_VM, compare_golden
 
 AGENT_FD = 5
 QMP_FD = 6
 
-BASE = VMConfig(
-    container_id="c1",
-    memory_mib=256,
-    vcpus=1,
-    share_dir="/run/bonneville/c1/share",
-    run_dir="/run/bonneville/c1",
-    kernel="/var/lib/bonneville/image/vmlinux",
-    initrd="/var/lib/bonneville/image/initrd.img",
-    kernel_args=("console=ttyS0", "quiet", "panic=-1"),
-)
+BASE = BASE_VM
 TCG = QemuOptions(accel="tcg")
 
 
@@ -37,13 +24,8 @@ def argv(config: VMConfig, options: QemuOptions = TCG, boot: Boot | None = None)
     return build_argv(config, agent_fd=AGENT_FD, qmp_fd=QMP_FD, options=options, boot=boot)
 
 
-def compare_golden(name: str, args: list[str]) -> None:
-    path = GOLDEN / f"{name}.txt"
-    text = "".join(f"{arg}\n" for arg in args)
-    if REGEN:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    assert text == path.read_text(), f"{path} differs; BONNEVILLE_REGEN_GOLDEN=1 to regenerate"
+def compare_argv(name: str, args: list[str]) -> None:
+    compare_golden("qemu", f"{name}.txt", "".join(f"{arg}\n" for arg in args))
 
 
 CASES: dict[str, tuple[VMConfig, QemuOptions, Boot | None]] = {
@@ -71,7 +53,7 @@ CASES: dict[str, tuple[VMConfig, QemuOptions, Boot | None]] = {
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_golden(name: str) -> None:
     config, options, boot = CASES[name]
-    compare_golden(name, argv(config, options, boot))
+    compare_argv(name, argv(config, options, boot))
 
 
 def test_argv_is_pure() -> None:

@@ -27,10 +27,7 @@ from bonneville.spec.config import (
 )
 from bonneville.spec.defaults import default_spec
 from bonneville.spec.errors import BonnevilleError, ConfigError
-
-GOLDEN = Path(__file__).parent / "golden" / "spec"
-# Set to regenerate golden files instead of comparing; review the diff before committing.
-REGEN = os.environ.get("BONNEVILLE_REGEN_GOLDEN") == "1"
+from tests.golden_files import compare_golden
 
 MiB = 1024 * 1024
 Mutation = Callable[[dict[str, Any]], None]
@@ -57,15 +54,6 @@ def refused(tmp_path: Path, mutate: Mutation) -> ConfigError:
     with pytest.raises(ConfigError) as info:
         load_with(tmp_path, mutate)
     return info.value
-
-
-def compare_golden(name: str, data: object) -> None:
-    path = GOLDEN / name
-    text = json.dumps(data, indent=2) + "\n"
-    if REGEN:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    assert text == path.read_text(), f"{path} differs; BONNEVILLE_REGEN_GOLDEN=1 to regenerate"
 
 
 # --------------------------------------------------------------------------- valid bundles
@@ -708,7 +696,7 @@ def test_schema_file_is_a_valid_json_schema() -> None:
 
 
 def test_default_spec_golden() -> None:
-    compare_golden("default_spec.json", default_spec())
+    compare_golden("spec", "default_spec.json", json.dumps(default_spec(), indent=2) + "\n")
 
 
 def test_default_spec_matches_runc_example() -> None:
