@@ -8,8 +8,9 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -116,6 +117,54 @@ class Runtime:
         if self.root.exists():
             for name in os.listdir(self.root):
                 self("delete", "--force", name)
+
+
+def in_private_netns(script: str) -> Any:
+    """Run a Python ``script`` in a new network namespace (unshare); the JSON it prints."""
+    import sys
+
+    result = subprocess.run(
+        ["unshare", "--net", sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def kill_monitor_during_create(
+    rt: Runtime, bundle: Path, cid: str, launched: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    """Run ``create`` and SIGKILL its monitor as soon as the backend's launch journal satisfies
+    ``launched`` (before create has recorded the VM); check that create then fails with one
+    line, leaving no state. The journal as it was at the kill."""
+    import signal
+    import time
+
+    from bonneville.backends.base import JOURNAL_FILE, read_journal
+
+    directory = rt.root / cid
+    with tempfile.TemporaryFile() as err:
+        create = subprocess.Popen(
+            rt.argv("create", "--bundle", str(bundle), cid),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+        deadline = time.monotonic() + 60
+        while not ((directory / JOURNAL_FILE).exists() and launched(read_journal(str(directory)))):
+            assert create.poll() is None, "create ended before the launch got that far"
+            assert time.monotonic() < deadline, "the launch never got that far"
+            time.sleep(0.05)
+        journal = read_journal(str(directory))
+        monitor = json.loads((directory / "state.json").read_text())["pid"]
+        os.kill(int(monitor), signal.SIGKILL)
+        assert create.wait(timeout=120) != 0
+        err.seek(0)
+        assert err.read().strip().count(b"\n") == 0  # one line
+    assert not directory.exists()
+    return journal
 
 
 def leftover_processes(marker: str) -> list[str]:

@@ -22,10 +22,15 @@ from pathlib import Path
 import pytest
 
 from bonneville.backends import procfs
-from bonneville.backends.base import JOURNAL_FILE
 from bonneville.backends.libvirt import uri as uris
 from bonneville.backends.libvirt.hostnet import OUR_LINK
-from conftest import Runtime, default_config, leftover_processes, write_bundle
+from conftest import (
+    Runtime,
+    default_config,
+    kill_monitor_during_create,
+    leftover_processes,
+    write_bundle,
+)
 from integration.backends import URIS
 from integration.conftest import Libvirtd
 from tests.test_lifecycle import make_bundle, wait_for, wait_status
@@ -184,24 +189,8 @@ def test_a_monitor_killed_during_create_leaves_nothing(
         if namespace["type"] == "network":
             namespace["path"] = container_netns
     bundle = write_bundle(tmp_path / "bundle", config)
-    journal = runtime.root / "c1" / JOURNAL_FILE
-    with tempfile.TemporaryFile() as err:
-        create = subprocess.Popen(
-            runtime.argv("create", "-b", str(bundle), "c1"),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
-        # libvirt cold-boots: the guest takes seconds to answer, long after QEMU's pid is known.
-        wait_for(lambda: journal.exists() and "pid" in json.loads(journal.read_text()))
-        blob = json.loads(journal.read_text())
-        os.kill(
-            int(json.loads((runtime.root / "c1" / "state.json").read_text())["pid"]), signal.SIGKILL
-        )
-        assert create.wait(timeout=120) != 0
-        err.seek(0)
-        assert err.read().strip().count(b"\n") == 0  # one line
-    assert not (runtime.root / "c1").exists()
+    # libvirt cold-boots: the guest takes seconds to answer, long after QEMU's pid is known.
+    blob = kill_monitor_during_create(runtime, bundle, "c1", lambda journal: "pid" in journal)
     assert not procfs.is_alive(int(blob["pid"]), blob["start_time"])
     if "links" in blob:
         assert blob["links"] and our_links() == []

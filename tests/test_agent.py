@@ -29,6 +29,7 @@ import pytest
 from bonneville.backends import procfs
 from bonneville.guest import protocol
 from bonneville.guest.agent import parse_mount_options, resolve_in_root
+from bonneville.guest.proc import descendants
 from bonneville.spec.defaults import default_spec
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the agent mounts: needs root")
@@ -387,18 +388,8 @@ def test_missing_cwd_is_refused(start_agent: Callable[..., Client], busybox_root
 
 
 def agent_children(client: Client) -> list[int]:
-    """PIDs whose parent is the agent (its processes, prepared or running)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            if ppid == client.proc.pid:
-                found.append(int(entry))
-    return found
+    """The agent's processes (prepared or running) and theirs."""
+    return descendants(client.proc.pid)
 
 
 def prepared(start_agent: Callable[..., Client], root: Path, init: dict[str, Any]) -> Client:

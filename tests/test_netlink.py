@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
-import sys
 
 import pytest
+
+from conftest import in_private_netns
 
 SCRIPT = r"""
 import json, socket, subprocess
@@ -33,14 +32,7 @@ print(json.dumps({"links": ip("addr", "show"), "routes": ip("-4", "route", "show
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
 def test_links_addresses_and_routes_in_a_private_netns() -> None:
-    result = subprocess.run(
-        ["unshare", "--net", sys.executable, "-c", SCRIPT],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    data = json.loads(result.stdout)
+    data = in_private_netns(SCRIPT)
     links = {link["ifname"]: link for link in data["links"]}
     assert "UP" in links["lo"]["flags"]
     d0 = links["d0"]

@@ -3,12 +3,11 @@ taps made in one `ip` batch, mirrored to the container's veth in one `tc` batch,
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
-import sys
 
 import pytest
+
+from conftest import in_private_netns
 
 pytestmark = pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux")
 
@@ -44,14 +43,7 @@ print(json.dumps({
 
 
 def test_taps_are_made_mirrored_and_removed_in_a_private_netns() -> None:
-    result = subprocess.run(
-        ["unshare", "--net", sys.executable, "-c", SCRIPT],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    data = json.loads(result.stdout)
+    data = in_private_netns(SCRIPT)
     # The peer end has no address but is a veth too: both are container interfaces.
     by_name = {name: (mtu, tap, addresses) for name, mtu, tap, addresses in data["interfaces"]}
     assert set(by_name) == {"eth0", "peer0"}
