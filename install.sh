@@ -42,4 +42,7 @@ ln -sf "$VENV/bin/bonneville" /usr/local/bin/bonneville
 bonneville image build
 # The templates docker needs most (no NIC and one NIC): the first container starts as a clone.
 bonneville template build
+# An upgrade leaves the previous guest image and the templates saved from it: unusable now.
+bonneville image prune >/dev/null
+bonneville template prune
 echo "bonneville installed: $(command -v bonneville)"

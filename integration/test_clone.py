@@ -151,3 +151,6 @@ def test_template_command(template_dir: Path) -> None:
     assert missing.returncode == 1
     assert missing.stderr == f"bonneville: template {'0' * 32} does not exist\n".encode()
     assert rt("template", "rm").returncode == 1
+    # The templates left were built from the current image and QEMU: none is stale.
+    assert rt("template", "prune", check=True).stdout == b""
+    assert rt("template", "ls", "-q", check=True).stdout.split() == listed[1:]

@@ -222,3 +222,36 @@ def remove(key: str, base: str | None = None) -> None:
         _remove_tree(path)
     with contextlib.suppress(OSError):
         os.unlink(os.path.join(base, f".{key}.lock"))
+
+
+def stale_reason(template: Template) -> str | None:
+    """Why ``template`` can never be chosen again (a file it was built from was replaced or is
+    gone: a new guest image, a QEMU upgrade), or None while it may still be."""
+    inputs = template.manifest.get("inputs")
+    if not isinstance(inputs, dict) or inputs.get("format") != FORMAT:
+        return "built by another version of bonneville"
+    for name in ("kernel", "initrd", "qemu"):
+        recorded = inputs.get(name)
+        if not isinstance(recorded, dict):
+            continue  # no initrd
+        path = str(recorded.get("path", ""))
+        try:
+            current = _file_identity(path)
+        except BackendError:
+            return f"its {name} {path} is gone"
+        if current != recorded:
+            return f"its {name} {path} was replaced"
+    return None
+
+
+def prune(base: str | None = None) -> list[tuple[str, str]]:
+    """Remove every stale template; (key, reason) of each removed. Running clones keep their
+    private mapping of a removed template's memory, so this is safe while containers run."""
+    removed = []
+    for template in list_templates(base):
+        reason = stale_reason(template)
+        if reason is not None:
+            with contextlib.suppress(BackendError):  # removed meanwhile by someone else
+                remove(template.key, base)
+                removed.append((template.key, reason))
+    return removed

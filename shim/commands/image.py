@@ -1,4 +1,4 @@
-"""`bonneville image build|ls`: the guest kernel and initramfs every VM boots."""
+"""`bonneville image build|ls|prune`: the guest kernel and initramfs every VM boots."""
 
 from __future__ import annotations
 
@@ -28,6 +28,16 @@ def ls() -> None:
     from bonneville.guest.image import image_status
 
     click.echo(json.dumps(image_status(), indent=2))
+
+
+@image.command("prune")
+def prune() -> None:
+    """Remove every cached guest image but the current one. A running VM no longer needs the
+    files it booted from; a create racing this may fail, so prune when upgrading."""
+    from bonneville.guest.image import prune_images
+
+    for key in prune_images():
+        click.echo(key)
 
 
 COMMANDS = [image]

@@ -1,4 +1,4 @@
-"""`bonneville template build|ls|rm`: the pre-booted VMs that QEMU containers are cloned from.
+"""`bonneville template build|ls|rm|prune`: the pre-booted VMs that QEMU containers are cloned from.
 
 Templates are built on first use anyway; `build` makes them ahead of time (install.sh builds the
 two docker needs by default: no NIC and one NIC, 256 MiB, 1 vCPU).
@@ -74,6 +74,16 @@ def rm(remove_all: bool, keys: tuple[str, ...]) -> None:
     for key in keys:
         templates.remove(key)
         click.echo(key)
+
+
+@template.command("prune")
+def prune() -> None:
+    """Remove the templates no container can use any more (built from a guest image or a QEMU
+    that has since been replaced)."""
+    from bonneville.backends.qemu import template as templates
+
+    for key, reason in templates.prune():
+        click.echo(f"{key}: {reason}")
 
 
 COMMANDS = [template]
