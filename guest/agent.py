@@ -1375,10 +1375,14 @@ class Agent:
         if prepared is None:
             return None
         spec, child, go_w = prepared
-        if ExecSpec(process, True, self.cap_last).__dict__ != spec.__dict__:
+        try:
+            same = ExecSpec(process, True, self.cap_last).__dict__ == spec.__dict__
+        except Exception:
+            same = False
+        if not same:
             os.close(go_w)  # end of file: it exits; reap() collects it
             child.discard()
-            return None
+            return None  # forked anew (and refused there, if the process is bad)
         try:
             os.write(go_w, b"g")
         except OSError:

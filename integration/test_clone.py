@@ -3,6 +3,7 @@ the fallback to a cold boot, and `bonneville template`. Each container here is a
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ import pytest
 from bonneville.backends.base import VMConfig
 from bonneville.backends.qemu import template as templates
 from bonneville.backends.qemu.backend import QemuBackend, QemuVM
-from conftest import Runtime
+from conftest import Runtime, default_config, write_bundle
 from tests.test_lifecycle import make_bundle
 
 pytestmark = pytest.mark.vm
@@ -154,3 +155,29 @@ def test_template_command(template_dir: Path) -> None:
     # The templates left were built from the current image and QEMU: none is stale.
     assert rt("template", "prune", check=True).stdout == b""
     assert rt("template", "ls", "-q", check=True).stdout.split() == listed[1:]
+
+
+def test_the_clone_starts_during_the_prestart_hooks(runtime: Runtime, tmp_path: Path) -> None:
+    """With hooks to wait for, the monitor clones the VM while the CLI runs them (as for
+    dockerd's libnetwork-setkey); a bad bind mount still fails create, after the hooks, with
+    its own one-line message."""
+    marker = tmp_path / "hook-state"
+    hooks = {"prestart": [{"path": "/bin/sh", "args": ["sh", "-c", f"cat > {marker}"]}]}
+    bundle = make_bundle(tmp_path, ["echo", "hi"], name="ok", hooks=hooks)
+    runtime("create", "--bundle", str(bundle), "h1", check=True)
+    log = monitor_log(runtime, "h1")
+    assert log.index("agent answered") < log.index("hooks done")
+    assert json.loads(marker.read_text())["id"] == "h1"
+    runtime("start", "h1", check=True)
+    runtime("delete", "--force", "h1", check=True)
+
+    config = default_config(["true"])
+    config["hooks"] = hooks
+    mounts = config["mounts"]
+    assert isinstance(mounts, list)
+    mounts.append({"destination": "/data", "type": "bind", "source": "/no/such/dir"})
+    broken = write_bundle(tmp_path / "broken", config)
+    result = runtime("create", "--bundle", str(broken), "h2")
+    assert result.returncode == 1
+    assert result.stderr == b"bonneville: mount source /no/such/dir for /data does not exist\n"
+    assert not (runtime.root / "h2").exists()

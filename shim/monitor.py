@@ -83,9 +83,10 @@ def _laps(reply: dict[str, Any]) -> str:
     laps = reply.get("timings")
     if not isinstance(laps, list):
         return "no timings"
+    # The guest is not trusted: only well-formed laps, names cut short, a few of them.
     return ", ".join(
-        f"{lap[0]} {lap[1]:.3f}"
-        for lap in laps
+        f"{str(lap[0])[:40]} {lap[1]:.3f}"
+        for lap in laps[:20]
         if isinstance(lap, list) and len(lap) == 2 and isinstance(lap[1], int | float)
     )
 
@@ -130,6 +131,7 @@ class Monitor:
         self.interfaces: list[network.Interface] = []
         self.early_taps: list[str] = []  # taps of a VM launched during the hooks
         self.share_ready = False
+        self.early_error: BaseException | None = None  # the share failed during the hooks
         self.routes: list[dict[str, Any]] = []
         self.sig_r, self.sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.memory_mib = 0  # the VM's RAM, fixed at launch
@@ -329,14 +331,22 @@ class Monitor:
         backend = self._backend()
         if Capability.CLONE not in backend.capabilities:
             return
-        taps: list[str] = []
         try:
             share = self._prepare_share()
+        except (BonnevilleError, OSError) as exc:
+            # A bad mount: create must fail with that, after the hooks (the CLI is running them
+            # and reads our next message only then), as without this early start.
+            self.early_error = exc
+            return
+        taps: list[str] = []
+        try:
             if self.own_netns and Capability.NETWORK in backend.capabilities:
                 present, _ = network.discover()
                 taps = network.make_taps(max(len(present), 1))
             self._boot(share, [(tap, network.placeholder_mac(i)) for i, tap in enumerate(taps)])
-        except (BonnevilleError, OSError) as exc:
+        except Exception as exc:
+            # Launching after the hooks, as without this early start, meets (and reports) any
+            # real problem there.
             log.info("launch during the hooks failed (%s): launching after them", exc)
             self._discard_vm()
             network.remove_taps(taps)
@@ -370,8 +380,7 @@ class Monitor:
             assert self.backend is not None
             with contextlib.suppress(Exception):
                 self.backend.destroy(self.vm.private_state())
-        if self.agent is not None:
-            self.agent = None
+        self.agent = None
         self.vm = None
 
     def _set_up_container(self) -> None:
@@ -413,6 +422,8 @@ class Monitor:
         if not go or not json.loads(go).get("continue"):
             raise SetupFailed("create was abandoned")
         self._mark("hooks done")
+        if self.early_error is not None:
+            raise self.early_error
         if self.vm is None:
             self._launch(self._prepare_share())
         else:
