@@ -255,11 +255,19 @@ class LibvirtBackend(Backend):
         key = uuid.uuid4()
         name = domain_name(config.container_id, key.hex)
         private: dict[str, Any] = {"uri": target.uri, "uuid": str(key), "name": name}
+        if target.embedded:
+            private["root"] = uris.embed_root(target, key.hex[:16])
+        else:
+            from bonneville.backends.libvirt import hostnet
+
+            private["sockdir"] = uris.system_socket_dir(key.hex[:16])
+            private["links"] = hostnet.host_links(key.hex, len(config.nics))
+        # Everything this launch may make beyond the monitor, named before any of it exists.
+        write_journal(config.run_dir, private)
         cleanup: list[Any] = []
         try:
             if target.embedded:
-                root = uris.embed_root(target, key.hex[:16])
-                private["root"] = root
+                root = str(private["root"])
                 cleanup.append(lambda: shutil.rmtree(root, ignore_errors=True))
                 uris.prepare_embed_root(root, EMBED_QEMU_CONF)
                 # libvirt double-forks QEMU; as a subreaper the monitor inherits it, so QEMU
@@ -269,17 +277,12 @@ class LibvirtBackend(Backend):
                 agent_socket = os.path.join(root, "agent.sock")
                 vm_config = config
             else:
-                from bonneville.backends.libvirt import hostnet
-
                 connect_uri = target.uri
-                sockdir = uris.system_socket_dir(key.hex[:16])
+                sockdir = str(private["sockdir"])
                 os.makedirs(sockdir, mode=0o700)
-                private["sockdir"] = sockdir
                 cleanup.append(lambda: shutil.rmtree(sockdir, ignore_errors=True))
                 agent_socket = os.path.join(sockdir, "agent.sock")
-                links = hostnet.host_links(key.hex, len(config.nics))
-                private["links"] = links
-                write_journal(config.run_dir, private)
+                links = list(private["links"])
                 cleanup.append(lambda: hostnet.remove(links))
                 vm_config = hostnet.wire(config, key.hex)
                 # QEMU runs in the host's mount namespace; the share and its bind mounts exist
@@ -288,7 +291,6 @@ class LibvirtBackend(Backend):
                 vm_config = replace(
                     vm_config, share_dir=f"/proc/{os.getpid()}/root{config.share_dir}"
                 )
-            write_journal(config.run_dir, private)  # a domain may exist from here on
             conn = connect(connect_uri, log_path)
             options = DomainOptions(
                 name=name,
@@ -308,7 +310,7 @@ class LibvirtBackend(Backend):
             pid, start = _read_pid(_pidfile(private))
             private["pid"] = pid
             private["start_time"] = start
-            write_journal(config.run_dir, private)
+            write_journal(config.run_dir, private)  # its QEMU, found without libvirt
             cleanup.append(lambda: kill_qemu(pid, start))
             pidfd = os.pidfd_open(pid)
             try:
