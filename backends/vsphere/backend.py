@@ -562,21 +562,31 @@ class VSphereBackend(Backend):
                 vm, path = self._make_vm(
                     si, inv, cfg, iso, iso_path, image_key, name, token, attempt, allow_instant
                 )
-                # What destroy() needs, should this process die before create records it.
-                write_journal(
-                    config.run_dir,
-                    {
-                        "vm": vm._moId,
-                        "name": name,
-                        "datacenter": inv.datacenter.name,
-                        "datastore": inv.datastore.name,
-                        "folder": _vm_folder(vm)[1],
-                    },
-                )
                 try:
-                    folder_rel, plan = self._configure(
-                        vm, inv, disk, listener.uri(advertise), config, token, image_key, attempt
+                    folder = _vm_folder(vm)
+                    # What destroy() needs, should this process die before create records it.
+                    write_journal(
+                        config.run_dir,
+                        {
+                            "vm": vm._moId,
+                            "name": name,
+                            "datacenter": inv.datacenter.name,
+                            "datastore": inv.datastore.name,
+                            "folder": folder[1],
+                        },
                     )
+                    plan = self._configure(
+                        vm,
+                        folder,
+                        inv,
+                        disk,
+                        listener.uri(advertise),
+                        config,
+                        token,
+                        image_key,
+                        attempt,
+                    )
+                    folder_rel = folder[1]
                     break
                 except BackendError as exc:
                     if path != INSTANT or cfg.clone_mode != "auto":
@@ -598,6 +608,7 @@ class VSphereBackend(Backend):
     def _configure(
         self,
         vm: Any,
+        folder: tuple[str, str],
         inv: Inventory,
         disk: media.RootDisk,
         channel_uri: str,
@@ -605,10 +616,11 @@ class VSphereBackend(Backend):
         token: str,
         image_key: str,
         undo: Undo,
-    ) -> tuple[str, specs.ContainerPlan]:
-        """Upload the root disk into the VM's folder and add it, the serial ports, the size."""
+    ) -> specs.ContainerPlan:
+        """Upload the root disk into the VM's ``folder`` (``_vm_folder``) and add it, the serial
+        ports, the size."""
         name = vm.name
-        folder_path, folder_rel = _vm_folder(vm)
+        folder_path, folder_rel = folder
         undo.push(f"delete {folder_path}", lambda: inv.datastore.delete(folder_rel))
         for local in (disk.flat, disk.descriptor):
             inv.datastore.upload(local, f"{folder_rel}/{os.path.basename(local)}")
@@ -626,7 +638,7 @@ class VSphereBackend(Backend):
             vm.ReconfigVM_Task(spec=specs.container_config(plan, _scsi_key(vm))),
             f"configuring VM {name}",
         )
-        return folder_rel, plan
+        return plan
 
     def _make_vm(
         self,
