@@ -374,6 +374,7 @@ class Monitor:
         self.interfaces, self.routes = interfaces, routes
 
     def _discard_vm(self) -> None:
+        """Stop the VM and have the backend release all it made for it (roots, host links)."""
         if self.vm is not None:
             with contextlib.suppress(Exception):
                 self.vm.stop(timeout=2.0)
@@ -452,11 +453,9 @@ class Monitor:
             log.error("setup failed: %s\n%s", message, traceback.format_exc())
             # Clean up before telling create: it kills this process as soon as it hears.
             self._teardown()
-            if self.vm is not None and self.backend is not None:
-                # create records no backend state when it fails, so no later delete will ask the
-                # backend to release what lives beyond the VM (libvirtd's host links, roots).
-                with contextlib.suppress(Exception):
-                    self.backend.destroy(self.vm.private_state())
+            # create records no backend state when it fails, so no later delete will ask the
+            # backend to release what lives beyond the VM (libvirtd's host links, roots).
+            self._discard_vm()
             if self.sync is not None:
                 with contextlib.suppress(OSError):
                     _send_json(self.sync, {"phase": "error", "error": message})
