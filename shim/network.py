@@ -77,7 +77,7 @@ def make_taps(count: int) -> list[str]:
     """``count`` taps (bvtap0…), up, not yet connected to anything."""
     taps = [f"bvtap{index}" for index in range(count)]
     try:
-        _batch("ip", [f"{verb} {tap}" for tap in taps for verb in _TAP_VERBS])
+        batch("ip", [f"{verb} {tap}" for tap in taps for verb in _TAP_VERBS])
     except BonnevilleError:
         remove_taps(taps)
         raise
@@ -110,24 +110,33 @@ def mirror(interfaces: list[Interface], taps: list[str]) -> None:
         return
     for iface, tap in pairs:
         iface.tap = tap
-    _batch("ip", [f"link set dev {tap} mtu {iface.mtu}" for iface, tap in pairs])
+    batch("ip", [f"link set dev {tap} mtu {iface.mtu}" for iface, tap in pairs])
+    batch("tc", [line for iface, tap in pairs for line in mirror_commands(iface.name, tap)])
+
+
+def mirror_commands(a: str, b: str) -> list[str]:
+    """`tc -batch` lines by which every frame arriving on ``a`` leaves through ``b`` and back
+    (ingress qdiscs with redirects)."""
     commands = []
-    for iface, tap in pairs:
-        for src, dst in ((iface.name, tap), (tap, iface.name)):
-            commands.append(f"qdisc add dev {src} ingress")
-            commands.append(
-                f"filter add dev {src} parent ffff: protocol all u32 match u8 0 0"
-                f" action mirred egress redirect dev {dst}"
-            )
-    _batch("tc", commands)
+    for src, dst in ((a, b), (b, a)):
+        commands.append(f"qdisc add dev {src} ingress")
+        commands.append(
+            f"filter add dev {src} parent ffff: protocol all u32 match u8 0 0"
+            f" action mirred egress redirect dev {dst}"
+        )
+    return commands
 
 
-def _batch(tool: str, commands: list[str]) -> None:
-    """Run ``tool -batch -`` (ip or tc) over these command lines; the first failure raises."""
+def batch(tool: str, commands: list[str], netns: str | None = None) -> None:
+    """Run ``tool -batch -`` (ip or tc) over these command lines, in the network namespace at
+    path ``netns`` if given; the first failure raises."""
     if not commands:
         return
+    argv = [tool, "-batch", "-"]
+    if netns is not None:
+        argv = ["nsenter", f"--net={netns}", *argv]
     result = subprocess.run(
-        [tool, "-batch", "-"],
+        argv,
         input="\n".join(commands) + "\n",
         capture_output=True,
         text=True,

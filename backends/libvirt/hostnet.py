@@ -61,17 +61,10 @@ def _run(argv: list[str], netns: str | None = None) -> str:
 
 
 def _mirror(a: str, b: str, netns: str | None) -> None:
-    """Every frame arriving on ``a`` leaves through ``b`` and back (tc ingress redirects)."""
-    for src, dst in ((a, b), (b, a)):
-        _run(["tc", "qdisc", "add", "dev", src, "ingress"], netns)
-        _run(
-            [
-                "tc", "filter", "add", "dev", src, "parent", "ffff:", "protocol", "all",
-                "u32", "match", "u8", "0", "0",
-                "action", "mirred", "egress", "redirect", "dev", dst,
-            ],
-            netns,
-        )  # fmt: skip
+    """Every frame arriving on ``a`` leaves through ``b`` and back (as the monitor's taps)."""
+    from bonneville.shim import network
+
+    network.batch("tc", network.mirror_commands(a, b), netns)
 
 
 def _redirect_source(tap: str) -> str:
