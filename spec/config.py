@@ -468,6 +468,10 @@ def _format_path(parts: Iterable[str | int], prefix: str = "") -> str:
     for part in parts:
         if isinstance(part, int):
             out += f"[{part}]"
+        elif not part or not part.isprintable():
+            # A key of the document's (a sysctl name, an annotation) may hold anything: quoted
+            # and escaped, so the error stays one line.
+            out += f"[{json.dumps(part)}]"
         else:
             out += f".{part}" if out else str(part)
     return out

@@ -781,3 +781,12 @@ def test_isolated_validation_refuses_as_in_process_validation(
     assert str(isolated.value) == str(here.value)
     (tmp_path / "ok").mkdir()
     assert load_bundle(str(make_bundle(tmp_path / "ok", default_spec())), isolated=True).spec
+
+
+def test_an_odd_key_in_the_error_path_is_quoted_and_the_error_stays_one_line(
+    tmp_path: Path,
+) -> None:
+    """Found by tests/test_fuzz.py: a sysctl named "\\n" made a two-line error."""
+    error = refused(tmp_path, lambda c: c["linux"].update(sysctl={"\n": None}))
+    assert str(error).endswith("linux.sysctl[\"\\n\"]: None is not of type 'string'")
+    assert "\n" not in str(error)
