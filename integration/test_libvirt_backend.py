@@ -23,10 +23,10 @@ import pytest
 
 from bonneville.backends import procfs
 from bonneville.backends.libvirt import uri as uris
-from bonneville.backends.libvirt.hostnet import OUR_LINK
 from conftest import (
     Runtime,
     default_config,
+    host_links_of_ours,
     kill_monitor_during_create,
     leftover_processes,
     write_bundle,
@@ -49,7 +49,7 @@ def runtime(
     yield rt
     rt.cleanup()
     assert leftover_processes(str(rt.root)) == []
-    assert our_links() == []
+    assert host_links_of_ours() == []
 
 
 def virsh(*args: str) -> str:
@@ -60,12 +60,6 @@ def virsh(*args: str) -> str:
     return result.stdout
 
 
-def our_links() -> list[str]:
-    """Links in the host's network namespace named as the backend names its own."""
-    shown = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, check=True).stdout
-    return [link["ifname"] for link in json.loads(shown) if OUR_LINK.match(link["ifname"])]
-
-
 def backend_state(rt: Runtime, cid: str) -> dict[str, object]:
     data = json.loads((rt.root / cid / "state.json").read_text())
     blob = data["backend_state"]
@@ -73,8 +67,21 @@ def backend_state(rt: Runtime, cid: str) -> dict[str, object]:
     return blob
 
 
-def start_sleeper(rt: Runtime, tmp_path: Path, cid: str = "c1") -> dict[str, object]:
-    bundle = make_bundle(tmp_path, ["sleep", "1000"], name=f"bundle-{cid}")
+def in_netns(config: dict[str, object], netns: str) -> dict[str, object]:
+    """``config`` with its network namespace joined at path ``netns`` (as dockerd's)."""
+    linux = config["linux"]
+    assert isinstance(linux, dict)
+    for namespace in linux["namespaces"]:
+        if namespace["type"] == "network":
+            namespace["path"] = netns
+    return config
+
+
+def start_sleeper(
+    rt: Runtime, tmp_path: Path, cid: str = "c1", netns: str | None = None
+) -> dict[str, object]:
+    config = default_config(["sleep", "1000"])
+    bundle = write_bundle(tmp_path / f"bundle-{cid}", in_netns(config, netns) if netns else config)
     rt("create", "-b", str(bundle), cid, check=True)
     rt("start", cid, check=True)
     return backend_state(rt, cid)
@@ -182,29 +189,24 @@ def test_a_monitor_killed_during_create_leaves_nothing(
 ) -> None:
     """The monitor dies after libvirt started QEMU (and, under qemu:///system, after the host
     links exist) but before create recorded the VM: what the launch journalled is destroyed."""
-    config = default_config(["true"])
-    linux = config["linux"]
-    assert isinstance(linux, dict)
-    for namespace in linux["namespaces"]:
-        if namespace["type"] == "network":
-            namespace["path"] = container_netns
-    bundle = write_bundle(tmp_path / "bundle", config)
+    bundle = write_bundle(tmp_path / "bundle", in_netns(default_config(["true"]), container_netns))
     # libvirt cold-boots: the guest takes seconds to answer, long after QEMU's pid is known.
     blob = kill_monitor_during_create(runtime, bundle, "c1", lambda journal: "pid" in journal)
     assert not procfs.is_alive(int(blob["pid"]), blob["start_time"])
     if "links" in blob:
-        assert blob["links"] and our_links() == []
+        assert blob["links"] and host_links_of_ours() == []
 
 
 def test_containers_survive_a_libvirtd_restart(
-    libvirtd: Libvirtd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    libvirtd: Libvirtd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, container_netns: str
 ) -> None:
     if not libvirtd.owned:
         pytest.skip("the host's own libvirtd is never restarted by tests")
     monkeypatch.setenv("BONNEVILLE_LIBVIRT_URI", "qemu:///system")
     rt = Runtime(tmp_path / "state", "libvirt")
     try:
-        blob = start_sleeper(rt, tmp_path)
+        blob = start_sleeper(rt, tmp_path, netns=container_netns)
+        assert blob["links"] and sorted(host_links_of_ours()) == sorted(blob["links"])  # type: ignore[call-overload]
         libvirtd.restart()
         assert rt.state("c1")["status"] == "running"
         result = rt("exec", "c1", "echo", "after restart")
@@ -214,10 +216,12 @@ def test_containers_survive_a_libvirtd_restart(
         rt("pause", "c1", check=True)
         assert rt.state("c1")["status"] == "paused"
         rt("resume", "c1", check=True)
-        # Stopped while libvirtd is down: delete still works (the QEMU pid is enough).
+        # Stopped while libvirtd is down: delete still works (the QEMU pid is enough), and
+        # finds the host links without the daemon's namespace to go by.
         libvirtd.stop_libvirtd()
         rt("delete", "--force", "c1", check=True)
         assert not procfs.is_alive(int(blob["pid"]), blob["start_time"])  # type: ignore[call-overload]
+        assert host_links_of_ours() == []
     finally:
         if libvirtd.libvirtd is None:
             libvirtd.start()
@@ -239,7 +243,7 @@ def test_bad_uris_and_a_missing_daemon_give_one_line(
 ) -> None:
     rt = Runtime(tmp_path / "state", "libvirt")
     bundle = make_bundle(tmp_path, ["true"])
-    links_before = our_links()
+    links_before = host_links_of_ours()
     result = subprocess.run(
         [*rt.argv("--libvirt-uri", uri, "create", "-b", str(bundle), "c1")],
         capture_output=True,
@@ -249,7 +253,7 @@ def test_bad_uris_and_a_missing_daemon_give_one_line(
     lines = result.stderr.decode().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bonneville: ") and message in lines[0], lines
     assert not (rt.root / "c1").exists()
-    assert our_links() == links_before
+    assert host_links_of_ours() == links_before
 
 
 def test_no_permission_on_libvirtd_gives_one_line(libvirtd: Libvirtd) -> None:

@@ -49,6 +49,25 @@ def host_netns() -> str:
     return "/proc/1/ns/net"
 
 
+def _removal_netns() -> str | None:
+    """Where to delete our host links: :func:`host_netns` if we may enter it, else our own
+    namespace (``None``). With libvirtd stopped and PID 1's namespace closed to us (a PID 1 in
+    a sandbox, a hardened /proc), ``delete`` still runs where its caller (dockerd, containerd,
+    the operator) does: the host's."""
+    path = host_netns()
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        log.debug("cannot enter %s (%s): deleting host links in our own namespace", path, exc)
+        return None
+    try:
+        if os.fstat(fd).st_ino == os.stat("/proc/self/ns/net").st_ino:
+            return None  # already there: no nsenter needed
+    finally:
+        os.close(fd)
+    return path
+
+
 def _run(argv: list[str], netns: str | None = None) -> str:
     if netns is not None:
         argv = ["nsenter", f"--net={netns}", *argv]
@@ -125,12 +144,13 @@ def wire(config: VMConfig, key: str) -> VMConfig:
 
 def remove(names: list[str]) -> None:
     """Delete our host-side links (only names of our own pattern); missing ones are fine."""
-    host = host_netns()
+    host = _removal_netns()
+    enter = [] if host is None else ["nsenter", f"--net={host}"]
     for name in names:
         if not OUR_LINK.match(name):
             continue
         result = subprocess.run(
-            ["nsenter", f"--net={host}", "ip", "link", "del", "dev", name],
+            [*enter, "ip", "link", "del", "dev", name],
             capture_output=True,
             text=True,
             env=_ENV,
