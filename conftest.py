@@ -167,6 +167,30 @@ def kill_monitor_during_create(
     return journal
 
 
+def _host_links_of_ours() -> set[str]:
+    from bonneville.backends.libvirt.hostnet import OUR_LINK
+
+    shown = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, check=True).stdout
+    return {link["ifname"] for link in json.loads(shown) if OUR_LINK.match(link["ifname"])}
+
+
+# Links of our pattern that were here before this session (a run killed part-way, e.g. by a
+# machine restart, left them): not this run's leak, and named in the report header.
+LINKS_AT_START = _host_links_of_ours() if shutil.which("ip") else set()
+
+
+def pytest_report_header() -> list[str]:
+    if LINKS_AT_START:
+        return [f"host links left by an earlier run (ignored): {' '.join(sorted(LINKS_AT_START))}"]
+    return []
+
+
+def host_links_of_ours() -> list[str]:
+    """Links in this (the host's) network namespace named as the libvirt backend names its
+    own (``hostnet.OUR_LINK``), except those :data:`LINKS_AT_START`."""
+    return sorted(_host_links_of_ours() - LINKS_AT_START)
+
+
 def leftover_processes(marker: str) -> list[str]:
     """Command lines of live processes mentioning ``marker`` (a test's unique root path)."""
     found = []

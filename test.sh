@@ -13,4 +13,5 @@ for d in shim spec backends guest; do ln -s "$PWD/$d" "$typeroot/bonneville/$d";
 (cd "$typeroot" && "$VENV/bin/mypy" --strict --namespace-packages --explicit-package-bases \
     --cache-dir /tmp/bonneville-mypy-cache bonneville/shim bonneville/spec bonneville/backends \
     bonneville/guest)
-exec "$VENV/bin/python" -m pytest -p no:cacheprovider "$@"
+# Not exec: the EXIT trap above must still remove the type tree.
+"$VENV/bin/python" -m pytest -p no:cacheprovider "$@"

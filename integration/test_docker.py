@@ -6,18 +6,16 @@ touches a system daemon; the image is a busybox rootfs imported from a local tar
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import Docker, private_dockerd
+from conftest import Docker, host_links_of_ours, private_dockerd
 from integration.backends import BACKENDS, URIS, use_backend
 
 pytestmark = [
@@ -59,13 +57,6 @@ def dockerd() -> Iterator[Docker]:
         yield client
     # The host-side veths and taps of libvirtd's VMs went with their containers.
     assert host_links_of_ours() == []
-
-
-def host_links_of_ours() -> list[str]:
-    from bonneville.backends.libvirt.hostnet import OUR_LINK
-
-    shown = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, check=True).stdout
-    return [link["ifname"] for link in json.loads(shown) if OUR_LINK.match(link["ifname"])]
 
 
 def test_run_echo_uses_a_vm(docker: Docker) -> None:
