@@ -11,7 +11,7 @@ import signal
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bonneville.backends import procfs
 from bonneville.shim import hooks, hostns, state, unixsock
@@ -19,10 +19,14 @@ from bonneville.shim.state import ContainerState, Store
 from bonneville.shim.status import Status
 from bonneville.spec.errors import (
     BonnevilleError,
+    ConfigError,
     ContainerNotFound,
     HookError,
     InvalidState,
 )
+
+if TYPE_CHECKING:
+    from bonneville.spec.config import Bundle, PendingValidation
 
 log = logging.getLogger("bonneville")
 
@@ -131,12 +135,37 @@ def create(
     use_stdio_tty: bool = False,
 ) -> ContainerState:
     """Create the container: its VM is up and its agent ready when this returns."""
-    from bonneville.backends.base import Capability, get_backend
-    from bonneville.shim import monitor
-    from bonneville.spec.config import load_bundle
+    from bonneville.spec.config import open_bundle
 
     state.validate_id(container_id)
-    bundle = load_bundle(bundle_path, isolated=True)  # the monitor is forked from us
+    # The schema is checked in a child while the monitor launches the VM; its verdict comes
+    # before any hook runs, and outranks any other error (as if it had been checked first).
+    bundle, validation = open_bundle(bundle_path)
+    try:
+        return _create(
+            ctx, container_id, bundle, validation, pid_file, console_socket, use_stdio_tty
+        )
+    except ConfigError:
+        raise
+    except Exception:
+        validation.result()
+        raise
+    finally:
+        validation.abandon()
+
+
+def _create(
+    ctx: Context,
+    container_id: str,
+    bundle: Bundle,
+    validation: PendingValidation,
+    pid_file: str | None,
+    console_socket: str | None,
+    use_stdio_tty: bool,
+) -> ContainerState:
+    from bonneville.backends.base import Capability, get_backend
+    from bonneville.shim import monitor
+
     spec = bundle.spec
     if spec.process is None:
         raise BonnevilleError("config.json: process is required to create a container")
@@ -189,6 +218,7 @@ def create(
             ctx.store.save(st)
             deadline = time.monotonic() + CREATE_TIMEOUT
             _read_phase(sync, deadline)  # the monitor sits in the container's namespaces
+            validation.result()  # (the monitor is launching a clone meanwhile)
             hooks.run_hooks("prestart", spec.hooks.prestart, _hook_state(st, Status.CREATING))
             hooks.run_hooks(
                 "createRuntime", spec.hooks.create_runtime, _hook_state(st, Status.CREATING)

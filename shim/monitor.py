@@ -317,17 +317,15 @@ class Monitor:
         self._mark("agent answered")
 
     def _launch_during_hooks(self) -> None:
-        """Clone the VM while the CLI runs the prestart/createRuntime hooks (dockerd's takes
-        ~0.15 s), instead of after them.
+        """Clone the VM while the CLI waits for the config's validation and runs the
+        prestart/createRuntime hooks (dockerd's takes ~0.15 s), instead of after them.
 
-        dockerd's hook is what moves the container's veth into our namespace, so the NICs are
-        guessed: those present now, or one if there are none yet. _adopt_early_vm() checks the
-        guess once the hooks are done, and a wrong one is undone and launched again. Only for
-        backends that clone (a cold boot outlasts any hook), and only when there are hooks.
+        dockerd's hook is what moves the container's veth into our namespace, so with hooks the
+        NICs are guessed: those present now, or one if there are none yet. _adopt_early_vm()
+        checks the guess once the hooks are done, and a wrong one is undone and launched again.
+        Only for backends that clone (a cold boot outlasts the wait).
         """
         hooks = self.spec.hooks
-        if not (hooks.prestart or hooks.create_runtime):
-            return
         backend = self._backend()
         if Capability.CLONE not in backend.capabilities:
             return
@@ -342,7 +340,8 @@ class Monitor:
         try:
             if self.own_netns and Capability.NETWORK in backend.capabilities:
                 present, _ = network.discover()
-                taps = network.make_taps(max(len(present), 1))
+                guess = len(present) or int(bool(hooks.prestart or hooks.create_runtime))
+                taps = network.make_taps(guess)
             self._boot(share, [(tap, network.placeholder_mac(i)) for i, tap in enumerate(taps)])
         except Exception as exc:
             # Launching after the hooks, as without this early start, meets (and reports) any

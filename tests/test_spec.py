@@ -23,6 +23,7 @@ from bonneville.spec.config import (
     Resources,
     load_bundle,
     load_process,
+    open_bundle,
     parse_process,
 )
 from bonneville.spec.defaults import default_spec
@@ -767,20 +768,38 @@ def test_rootless_spec(tmp_path: Path) -> None:
         lambda c: c.update(ociVersion="0.1.0"),
     ],
 )
-def test_isolated_validation_refuses_as_in_process_validation(
+def test_validation_in_a_child_refuses_as_in_process_validation(
     tmp_path: Path, mutate: Mutation
 ) -> None:
-    """create validates in a child (so its monitor never carries jsonschema): same verdicts."""
+    """create validates in a child while it goes on (open_bundle): the same verdicts, on
+    result(), or at once when the parser fails too; the child is reaped either way."""
     config = default_spec()
     mutate(config)
     bundle = str(make_bundle(tmp_path, config))
     with pytest.raises(ConfigError) as here:
         load_bundle(bundle)
-    with pytest.raises(ConfigError) as isolated:
-        load_bundle(bundle, isolated=True)
-    assert str(isolated.value) == str(here.value)
+    with pytest.raises(ConfigError) as pending:
+        _, validation = open_bundle(bundle)
+        validation.result()
+    assert str(pending.value) == str(here.value)
+    assert our_children() == []
     (tmp_path / "ok").mkdir()
-    assert load_bundle(str(make_bundle(tmp_path / "ok", default_spec())), isolated=True).spec
+    ok, validation = open_bundle(str(make_bundle(tmp_path / "ok", default_spec())))
+    validation.result()
+    assert ok.spec and our_children() == []
+
+
+def test_an_abandoned_validation_leaves_no_child(tmp_path: Path) -> None:
+    _, validation = open_bundle(str(make_bundle(tmp_path, default_spec())))
+    validation.abandon()
+    validation.result()  # nothing to wait for any more
+    assert our_children() == []
+
+
+def our_children() -> list[int]:
+    """This process's children, running or not yet reaped."""
+    with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
+        return [int(pid) for pid in f.read().split()]
 
 
 def test_an_odd_key_in_the_error_path_is_quoted_and_the_error_stays_one_line(
