@@ -314,6 +314,14 @@ class Mode:
                     self.prepare_cgroup()
                     with Netlink() as nl:
                         nl.set_link(socket.if_nametoindex("lo"))
+                        # The NICs too (opening one fills its queues: kernel work that TCG
+                        # would translate afresh in every clone), but without IPv6 until
+                        # setup has given them the container's MAC: clones must not share
+                        # a link-local address derived from their template's.
+                        for name in _guest_nics().values():
+                            with contextlib.suppress(FileNotFoundError):  # no IPv6 at all
+                                write_file(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "1")
+                            nl.set_link(socket.if_nametoindex(name))
                 except OSError as exc:
                     log("warning", f"early setup: {errtext(exc)} (retried at setup)")
             return
@@ -1085,12 +1093,29 @@ def _guest_nics() -> dict[str, str]:
     return nics
 
 
+def _set_ipv6(name: str, enabled: bool) -> None:
+    """Turn IPv6 on or off for a NIC, ``lo``, ``all`` or ``default``, only if that changes it:
+    a write to ``all`` sets every NIC (absent without IPv6: nothing to do)."""
+    path = f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6"
+    wanted = "0" if enabled else "1"
+    with contextlib.suppress(FileNotFoundError):
+        with open(path) as f:
+            if f.read().strip() == wanted:
+                return
+        write_file(path, wanted)
+
+
 def configure_network(network: dict[str, Any]) -> None:
     """Give the guest the addresses and routes the container's interfaces had on the host.
 
     The host gave each virtio NIC its veth's MAC, in the order of ``interfaces``. A clone's NICs
     still carry its template's MACs: those are matched by order and given the container's MAC.
     """
+    # IPv6 as the container's namespace has it (dockerd turns it off for an IPv4 network):
+    # ``all`` first, as writing it sets every NIC; each NIC below, once it has its MAC.
+    for name, enabled in (network.get("ipv6") or {}).items():
+        if name in ("all", "default", "lo"):
+            _set_ipv6(name, bool(enabled))
     nics = _guest_nics()
     wanted = [str(iface.get("mac", "")).lower() for iface in network.get("interfaces") or []]
     spare = [name for mac, name in nics.items() if mac not in wanted]
@@ -1107,6 +1132,8 @@ def configure_network(network: dict[str, Any]) -> None:
             names[mac] = name
             index = socket.if_nametoindex(name)
             nl.set_link(index, mtu=int(iface.get("mtu") or 0) or None, mac=new_mac)
+            # Its link-local address comes from the MAC it has now.
+            _set_ipv6(name, bool(iface.get("ipv6", True)))
             for address in iface.get("addresses") or []:
                 nl.add_address(index, str(address))
         for route in network.get("routes") or []:

@@ -292,6 +292,11 @@ def test_networking_bridge_ports_and_peers(docker: Docker) -> None:
     try:
         ip = docker.ok("inspect", "-f", "{{.NetworkSettings.IPAddress}}", server).strip()
         # The guest owns the container's address: its NIC has the veth's MAC, IP and routes.
+        # IPv6 as dockerd leaves it to runc's containers (off, on this IPv4-only network).
+        probe = "cat /proc/sys/net/ipv6/conf/*/disable_ipv6 /proc/net/if_inet6"
+        ours = docker.run(IMAGE, "sh", "-c", probe)
+        theirs = docker("run", "--rm", "--runtime", "runc", IMAGE, "sh", "-c", probe)
+        assert (ours.returncode, ours.stdout) == (0, theirs.stdout), (ours, theirs)
         shown = docker.run(IMAGE, "sh", "-c", "ip -4 -o addr show eth0; ip route")
         assert b"inet 172.31.250." in shown.stdout, shown
         assert b"default via 172.31.250.1" in shown.stdout, shown
@@ -331,6 +336,28 @@ def test_user_network_peers(docker: Docker) -> None:
         if server:
             docker("rm", "-f", server)
         docker("network", "rm", "bnet")
+
+
+def test_ipv6_network_gets_a_link_local_address_from_the_containers_mac(docker: Docker) -> None:
+    """Not the template's: every clone starts with its template's MAC (and IPv6 off)."""
+    docker.ok("network", "create", "--ipv6", "--subnet", "fd00:b0::/64", "bnet6")
+    try:
+        shown = docker.run(
+            "--network",
+            "bnet6",
+            IMAGE,
+            "sh",
+            "-c",
+            "cat /sys/class/net/eth0/address /proc/net/if_inet6",
+        )
+        assert shown.returncode == 0, shown
+        mac, *rows = shown.stdout.decode().splitlines()
+        octets = bytes.fromhex(mac.replace(":", ""))
+        eui64 = bytes([octets[0] ^ 2, *octets[1:3], 0xFF, 0xFE, *octets[3:]])
+        link_local = "fe80000000000000" + eui64.hex()
+        assert link_local in [row.split()[0] for row in rows if row.split()[-1] == "eth0"], rows
+    finally:
+        docker("network", "rm", "bnet6")
 
 
 def test_network_none_and_host(docker: Docker) -> None:

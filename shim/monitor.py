@@ -253,7 +253,13 @@ class Monitor:
             "sysctl": dict(linux.sysctl) if linux else {},
             "time": time.time(),
             "entropy": base64.b64encode(os.urandom(64)).decode(),
-            "network": network.guest_config(self.interfaces, self.routes),
+            "network": network.guest_config(
+                self.interfaces,
+                self.routes,
+                {name: network.ipv6_enabled(name) for name in network.IPV6_SETTINGS}
+                if self.own_netns
+                else None,
+            ),
             "resources": self._cgroup_files(resources_raw, strict=False),
         }
 

@@ -26,6 +26,7 @@ class Interface:
     mtu: int
     addresses: list[str] = field(default_factory=list)
     tap: str = ""
+    ipv6: bool = True  # dockerd turns IPv6 off in the namespace unless the network has it
 
 
 def _ip(*args: str) -> Any:
@@ -53,7 +54,11 @@ def discover() -> tuple[list[Interface], list[dict[str, Any]]]:
         ]
         interfaces.append(
             Interface(
-                link["ifname"], link["address"].lower(), int(link.get("mtu", 1500)), addresses
+                link["ifname"],
+                link["address"].lower(),
+                int(link.get("mtu", 1500)),
+                addresses,
+                ipv6=ipv6_enabled(link["ifname"]),
             )
         )
     routes = []
@@ -149,8 +154,32 @@ def batch(tool: str, commands: list[str], netns: str | None = None) -> None:
         raise BonnevilleError(f"{tool}: {detail}")
 
 
-def guest_config(interfaces: list[Interface], routes: list[dict[str, Any]]) -> dict[str, Any]:
+def ipv6_enabled(link: str) -> bool:
+    """Whether ``link``, in our network namespace, has IPv6 (``disable_ipv6`` is 0)."""
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{link}/disable_ipv6", encoding="ascii") as f:
+            return f.read().strip() == "0"
+    except OSError:  # no such link, or no IPv6 in this kernel
+        return False
+
+
+def guest_config(
+    interfaces: list[Interface],
+    routes: list[dict[str, Any]],
+    ipv6: dict[str, bool] | None = None,
+) -> dict[str, Any]:
+    """The guest's side of the network: each NIC as its interface (MAC, MTU, IPv4 addresses,
+    IPv6 on or off), the routes, and IPv6 on or off for ``all``, ``default`` and ``lo``:
+    the namespace as runc's container would have it (see :data:`IPV6_SETTINGS`)."""
     return {
-        "interfaces": [{"mac": i.mac, "mtu": i.mtu, "addresses": i.addresses} for i in interfaces],
+        "interfaces": [
+            {"mac": i.mac, "mtu": i.mtu, "addresses": i.addresses, "ipv6": i.ipv6}
+            for i in interfaces
+        ],
         "routes": routes,
+        "ipv6": dict(ipv6 or {}),
     }
+
+
+# The namespace-wide IPv6 switches dockerd sets (all of them off for a network without IPv6).
+IPV6_SETTINGS = ("all", "default", "lo")

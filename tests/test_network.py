@@ -21,7 +21,11 @@ def sh(cmd):
 
 sh("ip link add eth0 mtu 1400 type veth peer name peer0; ip addr add 172.30.5.9/24 dev eth0;"
    " ip link set eth0 up; ip route add default via 172.30.5.1")
+# As dockerd leaves a namespace whose network has no IPv6 (on eth0, not on peer0).
+sh("echo 1 > /proc/sys/net/ipv6/conf/eth0/disable_ipv6")
 interfaces, routes = network.discover()
+guest = network.guest_config(
+    interfaces, routes, {n: network.ipv6_enabled(n) for n in network.IPV6_SETTINGS})
 taps = network.make_taps(len(interfaces))
 network.mirror(interfaces, taps)
 links = {l["ifname"]: l for l in json.loads(sh("ip -j link show"))}
@@ -37,7 +41,7 @@ after = [l["ifname"] for l in json.loads(sh("ip -j link show"))]
 print(json.dumps({
     "interfaces": [(i.name, i.mtu, i.tap, i.addresses) for i in interfaces],
     "routes": routes, "tap": links[eth0.tap], "filters": filters, "error": error,
-    "after": after,
+    "after": after, "guest": guest,
 }))
 """
 
@@ -55,3 +59,7 @@ def test_taps_are_made_mirrored_and_removed_in_a_private_netns() -> None:
     assert data["error"].startswith("ip: ") and "\n" not in data["error"]
     assert not [name for name in data["after"] if name.startswith("bvtap")]
     assert "eth0" in data["after"]
+    # The guest gets IPv6 as the namespace has it, per interface and on lo.
+    ipv6 = {i["mac"]: i["ipv6"] for i in data["guest"]["interfaces"]}
+    assert sorted(ipv6.values()) == [False, True]
+    assert data["guest"]["ipv6"] == {"all": True, "default": True, "lo": True}
