@@ -143,21 +143,35 @@ def wire(config: VMConfig, key: str) -> VMConfig:
 
 
 def remove(names: list[str]) -> None:
-    """Delete our host-side links (only names of our own pattern); missing ones are fine."""
+    """Delete our host-side links (only names of our own pattern); missing ones are fine.
+
+    One `ip` process for all, the taps first: a caller killed part-way (go-runc kills the
+    runtime when its context ends, e.g. when a `docker run` client goes away) then leaves at
+    most a veth end, which goes with the container's namespace; a tap would stay for good.
+    """
+    # The role letter follows "bv" and the key's 8 hex digits.
+    ours = sorted((n for n in names if OUR_LINK.match(n)), key=lambda n: n[10] != "t")
+    if not ours:
+        return
     host = _removal_netns()
     enter = [] if host is None else ["nsenter", f"--net={host}"]
-    for name in names:
-        if not OUR_LINK.match(name):
-            continue
-        result = subprocess.run(
-            [*enter, "ip", "link", "del", "dev", name],
-            capture_output=True,
-            text=True,
-            env=_ENV,
-            close_fds=True,
-            check=False,
-        )
-        # Failing is fine for a name that is absent (never made, or the pair's other end took
-        # it along); anything else is a leak someone must hear about.
-        if result.returncode != 0 and "Cannot find device" not in result.stderr:
-            log.warning("cannot delete host link %s: %s", name, result.stderr.strip())
+    result = subprocess.run(
+        [*enter, "ip", "-force", "-batch", "-"],
+        input="".join(f"link del dev {name}\n" for name in ours),
+        capture_output=True,
+        text=True,
+        env=_ENV,
+        close_fds=True,
+        check=False,
+    )
+    # Failing is fine for a name that is absent (never made, or the pair's other end took it
+    # along); anything else is a leak someone must hear about.
+    problems = [
+        line.strip()
+        for line in result.stderr.splitlines()
+        if line.strip()
+        and "Cannot find device" not in line
+        and not line.startswith("Command failed")
+    ]
+    if problems:
+        log.warning("cannot delete host links %s: %s", " ".join(ours), "; ".join(problems))
