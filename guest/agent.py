@@ -319,8 +319,7 @@ class Mode:
                         # setup has given them the container's MAC: clones must not share
                         # a link-local address derived from their template's.
                         for name in _guest_nics().values():
-                            with contextlib.suppress(FileNotFoundError):  # no IPv6 at all
-                                write_file(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "1")
+                            _set_ipv6(name, False)
                             nl.set_link(socket.if_nametoindex(name))
                 except OSError as exc:
                     log("warning", f"early setup: {errtext(exc)} (retried at setup)")

@@ -94,10 +94,7 @@ _TAP_VERBS = ("tuntap add mode tap dev", "link set up dev")
 
 def remove_taps(taps: list[str]) -> None:
     """Delete our taps (their tc filters go with them); missing ones are fine."""
-    for tap in taps:
-        subprocess.run(
-            ["ip", "link", "del", "dev", tap], capture_output=True, env=_ENV, check=False
-        )
+    delete_links(taps)
 
 
 def placeholder_mac(index: int) -> str:
@@ -137,10 +134,35 @@ def batch(tool: str, commands: list[str], netns: str | None = None) -> None:
     path ``netns`` if given; the first failure raises."""
     if not commands:
         return
-    argv = [tool, "-batch", "-"]
+    result = _run_batch(tool, commands, netns)
+    if result.returncode != 0:
+        detail = "; ".join(line.strip() for line in result.stderr.splitlines() if line.strip())
+        raise BonnevilleError(f"{tool}: {detail}")
+
+
+def delete_links(names: list[str], netns: str | None = None) -> list[str]:
+    """Delete these links, in this order, with one `ip` process (in the network namespace at
+    path ``netns`` if given), going on past failures; what went wrong, one line each, other
+    than a link that is not there."""
+    if not names:
+        return []
+    result = _run_batch("ip", [f"link del dev {name}" for name in names], netns, force=True)
+    return [
+        line.strip()
+        for line in result.stderr.splitlines()
+        if line.strip()
+        and "Cannot find device" not in line
+        and not line.startswith("Command failed")
+    ]
+
+
+def _run_batch(
+    tool: str, commands: list[str], netns: str | None, force: bool = False
+) -> subprocess.CompletedProcess[str]:
+    argv = [tool, *(["-force"] if force else []), "-batch", "-"]
     if netns is not None:
         argv = ["nsenter", f"--net={netns}", *argv]
-    result = subprocess.run(
+    return subprocess.run(
         argv,
         input="\n".join(commands) + "\n",
         capture_output=True,
@@ -149,9 +171,6 @@ def batch(tool: str, commands: list[str], netns: str | None = None) -> None:
         close_fds=True,
         check=False,
     )
-    if result.returncode != 0:
-        detail = "; ".join(line.strip() for line in result.stderr.splitlines() if line.strip())
-        raise BonnevilleError(f"{tool}: {detail}")
 
 
 def ipv6_enabled(link: str) -> bool:

@@ -153,25 +153,10 @@ def remove(names: list[str]) -> None:
     ours = sorted((n for n in names if OUR_LINK.match(n)), key=lambda n: n[10] != "t")
     if not ours:
         return
-    host = _removal_netns()
-    enter = [] if host is None else ["nsenter", f"--net={host}"]
-    result = subprocess.run(
-        [*enter, "ip", "-force", "-batch", "-"],
-        input="".join(f"link del dev {name}\n" for name in ours),
-        capture_output=True,
-        text=True,
-        env=_ENV,
-        close_fds=True,
-        check=False,
-    )
-    # Failing is fine for a name that is absent (never made, or the pair's other end took it
-    # along); anything else is a leak someone must hear about.
-    problems = [
-        line.strip()
-        for line in result.stderr.splitlines()
-        if line.strip()
-        and "Cannot find device" not in line
-        and not line.startswith("Command failed")
-    ]
+    from bonneville.shim import network
+
+    # A name that is absent (never made, or the pair's other end took it along) is fine;
+    # anything else is a leak someone must hear about.
+    problems = network.delete_links(ours, _removal_netns())
     if problems:
         log.warning("cannot delete host links %s: %s", " ".join(ours), "; ".join(problems))
