@@ -197,6 +197,23 @@ def test_a_monitor_killed_during_create_leaves_nothing(
         assert blob["links"] and host_links_of_ours() == []
 
 
+def test_a_container_that_stopped_holds_no_vm_nor_host_links(
+    runtime: Runtime, tmp_path: Path, container_netns: str
+) -> None:
+    """Its process cannot start: by the time `start` says so, QEMU and the host-side links are
+    gone, before any delete (dockerd may send that late, or never if it goes away first)."""
+    config = in_netns(default_config(["/no/such/binary"]), container_netns)
+    runtime("create", "-b", str(write_bundle(tmp_path / "bundle", config)), "c1", check=True)
+    blob = backend_state(runtime, "c1")
+    if "root" not in blob:
+        assert blob["links"] and sorted(host_links_of_ours()) == sorted(blob["links"])  # type: ignore[call-overload]
+    result = runtime("start", "c1")
+    assert result.returncode == 1 and b"/no/such/binary" in result.stderr
+    assert not procfs.is_alive(int(blob["pid"]), blob["start_time"])  # type: ignore[call-overload]
+    assert host_links_of_ours() == []
+    runtime("delete", "c1", check=True)
+
+
 def test_containers_survive_a_libvirtd_restart(
     libvirtd: Libvirtd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, container_netns: str
 ) -> None:

@@ -20,6 +20,7 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,6 +121,7 @@ class Monitor:
         self.started = False
         self.paused = False
         self.exit_status: int | None = None
+        self.after_teardown: list[Callable[[], None]] = []  # answers that wait for it
         self.terminal = bool(self.spec.process and self.spec.process.terminal)
         self.console_fd = -1  # our side of the container's console (pty slave or caller's tty)
         self.stdin_fd = -1
@@ -501,6 +503,8 @@ class Monitor:
                 if self.exit_status is not None:
                     break
         self._teardown()
+        for callback in self.after_teardown:
+            callback()
         return self.exit_status
 
     def _teardown(self) -> None:
@@ -723,8 +727,10 @@ class Monitor:
                 self._send_window_size()
                 reply({"ok": True, "pid": result.get("pid")})
             else:
-                reply({"ok": False, "error": result.get("error", "exec failed")})
-                # runc: a failed start leaves the container stopped.
+                # runc: a failed start leaves the container stopped, and so does ours by the
+                # time `start` hears: the answer waits for the VM's teardown.
+                error = result.get("error", "exec failed")
+                self.after_teardown.append(lambda: reply({"ok": False, "error": error}))
                 self._finish(1)
 
         self.agent.request("exec", started, id=protocol.INIT_STREAM, process=process, stdin=True)

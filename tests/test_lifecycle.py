@@ -122,6 +122,20 @@ def test_the_monitor_does_not_carry_the_schema_validator(runtime: Runtime, tmp_p
     assert "python" in maps  # it is the Python monitor we looked at
 
 
+def test_a_start_that_cannot_run_the_process_stops_the_container(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    """As runc's: `start` fails with the reason, the container is stopped (not left created),
+    and delete without --force removes it."""
+    bundle = make_bundle(tmp_path, ["/no/such/binary"])
+    runtime("create", "-b", str(bundle), "c1", check=True)
+    result = runtime("start", "c1")
+    assert result.returncode == 1 and b"/no/such/binary" in result.stderr
+    assert runtime.state("c1")["status"] == "stopped"
+    runtime("delete", "c1", check=True)
+    assert not (runtime.root / "c1").exists()
+
+
 def test_delete_of_created_container_kills_it(runtime: Runtime, tmp_path: Path) -> None:
     bundle = make_bundle(tmp_path, ["sleep", "1000"])
     runtime("create", "-b", str(bundle), "c1", check=True)

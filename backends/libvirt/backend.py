@@ -228,8 +228,15 @@ class LibvirtVM(VM):
             os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOHANG)
         self._channel.close()
         os.close(self._pidfd)
-        # The embed root, sockets and host links stay until destroy() (run by delete): libvirt's
-        # thread in this process may still be writing there while it notices QEMU's end.
+        if self._private.get("links"):
+            # With QEMU gone its tap serves nothing: delete the host links now, not only in
+            # destroy(), which waits for the caller's `delete` (dockerd may call it seconds
+            # later, or never if it goes away meanwhile).
+            from bonneville.backends.libvirt import hostnet
+
+            hostnet.remove(list(self._private["links"]))
+        # The embed root and sockets stay until destroy() (run by delete): libvirt's thread in
+        # this process may still be writing there while it notices QEMU's end.
 
 
 class LibvirtBackend(Backend):
