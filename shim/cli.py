@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import sys
@@ -17,8 +18,46 @@ from bonneville.spec.errors import BonnevilleError
 
 VERSION = "0.1.0"
 
+# Each command's module under bonneville.shim.commands. Only the module of the command that runs
+# is imported (every CLI call is a fresh Python process; docker makes four per `docker run`).
+COMMAND_MODULES = {
+    "create": "create",
+    "delete": "delete",
+    "events": "events",
+    "exec": "exec",
+    "features": "features",
+    "image": "image",
+    "kill": "kill",
+    "list": "list",
+    "pause": "pause",
+    "ps": "ps",
+    "resume": "pause",
+    "run": "run",
+    "spec": "spec",
+    "start": "start",
+    "state": "state",
+    "template": "template",
+    "update": "update",
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class _Commands(click.Group):
+    """runc's commands, each loaded when asked for (`--help` loads them all to list them)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMAND_MODULES)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = COMMAND_MODULES.get(cmd_name)
+        if module is None:
+            return None
+        commands: list[click.Command] = importlib.import_module(
+            f"bonneville.shim.commands.{module}"
+        ).COMMANDS
+        return next(command for command in commands if command.name == cmd_name)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--root", default=DEFAULT_ROOT, show_default=True, help="state directory")
 @click.option("--log", "log_file", default=None, help="log file (json with --log-format json)")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
@@ -59,37 +98,8 @@ def cli(
     ctx.obj = Context(store=Store(root), backend=backend)
 
 
-def _register() -> None:
-    from bonneville.shim.commands import (
-        create,
-        delete,
-        events,
-        exec,
-        features,
-        image,
-        kill,
-        pause,
-        ps,
-        run,
-        spec,
-        start,
-        state,
-        template,
-        update,
-    )
-    from bonneville.shim.commands import (
-        list as list_cmd,
-    )
-
-    modules = (create, delete, events, exec, features, image, kill, list_cmd, pause, ps, run, spec)
-    for module in (*modules, start, state, template, update):
-        for command in module.COMMANDS:
-            cli.add_command(command)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point: errors become one line on stderr, a JSON entry in --log, and exit 1."""
-    _register()
     args = sys.argv[1:] if argv is None else argv
     try:
         result: Any = cli.main(args=args, prog_name="bonneville", standalone_mode=False)
@@ -110,7 +120,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def _fail(message: str) -> NoReturn:
     line = " ".join(message.split())
-    logging.getLogger("bonneville").error("%s", line)
+    logger = logging.getLogger("bonneville")
+    if logger.handlers:  # else click failed before the global options set it up: stderr only
+        logger.error("%s", line)
     with contextlib.suppress(OSError, ValueError):
         print(f"bonneville: {line}", file=sys.stderr)
     sys.exit(1)

@@ -77,3 +77,11 @@ def test_unknown_id_for_every_command(runtime: Runtime) -> None:
         args = [command[0], "ghost", *command[2:]] if command[0] == "exec" else [*command, "ghost"]
         line = _one_error_line(runtime(*args))
         assert "does not exist" in line, (command, line)
+
+
+@pytest.mark.parametrize(
+    "args", [["no-such-command"], ["state"], ["--no-such-flag", "list"], ["kill", "c1", "NOPE"]]
+)
+def test_usage_errors_are_one_line(runtime: Runtime, args: list[str]) -> None:
+    """Also those click finds before the global options set up logging."""
+    _one_error_line(runtime(*args))
