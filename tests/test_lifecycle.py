@@ -125,12 +125,14 @@ def test_the_monitor_does_not_carry_the_schema_validator(runtime: Runtime, tmp_p
 def test_a_start_that_cannot_run_the_process_stops_the_container(
     runtime: Runtime, tmp_path: Path
 ) -> None:
-    """As runc's: `start` fails with the reason, the container is stopped (not left created),
-    and delete without --force removes it."""
+    """As runc's: `start` fails with the reason (one line), the container is stopped (not left
+    created), and delete without --force removes it."""
     bundle = make_bundle(tmp_path, ["/no/such/binary"])
     runtime("create", "-b", str(bundle), "c1", check=True)
     result = runtime("start", "c1")
     assert result.returncode == 1 and b"/no/such/binary" in result.stderr
+    lines = result.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bonneville: "), lines
     assert runtime.state("c1")["status"] == "stopped"
     runtime("delete", "c1", check=True)
     assert not (runtime.root / "c1").exists()

@@ -54,14 +54,6 @@ def test_kill_and_delete_errors_have_no_effect(runtime: Runtime, tmp_path: Path)
     runtime("delete", "c1", check=True)
 
 
-def test_process_that_cannot_run_is_a_start_error(runtime: Runtime, tmp_path: Path) -> None:
-    bundle = write_bundle(tmp_path / "b", default_config(["/no/such/binary"]))
-    runtime("create", "--bundle", str(bundle), "c1", check=True)
-    _one_error_line(runtime("start", "c1"))
-    assert wait_until(lambda: _status(runtime, "c1") == "stopped")
-    runtime("delete", "c1", check=True)
-
-
 def test_failing_start_container_hook_stops_the_container(runtime: Runtime, tmp_path: Path) -> None:
     config = default_config(["sleep", "1000"])
     config["hooks"] = {"startContainer": [{"path": "/bin/false"}]}
