@@ -11,24 +11,21 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import gzip
 import hashlib
 import json
-import lzma
 import os
 import re
-import shutil
 import stat
-import subprocess
-import tempfile
 import time
-import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from bonneville.spec.errors import BackendError
+
+# Every container's monitor looks up the current image (ensure_image): the modules only the
+# builder needs (compression, subprocess, tempfile, shutil) are imported where it uses them.
 
 IMAGE_DIR_ENV = "BONNEVILLE_IMAGE_DIR"
 DEFAULT_IMAGE_DIR = "/var/lib/bonneville/images"
@@ -217,6 +214,11 @@ def _release_from_name(path: str) -> str:
 
 def _decompress_at(blob: bytes, offset: int) -> bytes | None:
     """The stream starting at ``offset`` decompressed, or None if it is not a valid one."""
+    import lzma
+    import shutil
+    import subprocess
+    import zlib
+
     magic = blob[offset : offset + 6]
     try:
         if magic.startswith(XZ_MAGIC):
@@ -317,6 +319,9 @@ def resolve_modules(
 
 def read_module(path: str) -> bytes:
     """A module file's ELF bytes, decompressed if the distribution compressed it."""
+    import gzip
+    import lzma
+
     data = Path(path).read_bytes()
     if path.endswith(".xz"):
         return lzma.decompress(data)
@@ -536,6 +541,8 @@ def _python_env() -> dict[str, str]:
 
 
 def _run_python(args: list[str], stdin: str | None = None) -> str:
+    import subprocess
+
     try:
         proc = subprocess.run(
             [PYTHON, "-I", "-S", "-B", *args],
@@ -577,6 +584,8 @@ def _stdlib_dir() -> str:
 
 def shared_libraries(paths: Iterable[str]) -> list[str]:
     """Every shared library (and the dynamic loader) the ELF files at ``paths`` need."""
+    import subprocess
+
     libs: set[str] = set()
     for path in paths:
         try:
@@ -701,6 +710,9 @@ def ensure_image() -> GuestImage:
 
 def build_image(force: bool = False, prune: bool = False) -> GuestImage:
     """Build the image for the current inputs (unless present and not ``force``)."""
+    import shutil
+    import tempfile
+
     kernel = find_kernel()
     package_dir = guest_package_dir()
     key, inputs = compute_key(kernel, package_dir)
@@ -741,6 +753,8 @@ def prune_images(keep: str | None = None) -> list[str]:
 
 
 def _prune_locked(directory: Path, keep: str) -> list[str]:
+    import shutil
+
     removed: list[str] = []
     for entry in directory.iterdir():
         if entry.name == keep or entry.name == ".lock" or not entry.is_dir():
@@ -790,6 +804,10 @@ def image_status() -> dict[str, Any]:
 def _build_into(
     out: Path, kernel: Kernel, package_dir: Path, key: str, inputs: dict[str, Any]
 ) -> None:
+    import gzip
+    import shutil
+    import tempfile
+
     started = time.monotonic()
     (out / "vmlinux").write_bytes(extract_vmlinux(Path(kernel.path).read_bytes()))
     tree = Tree()
@@ -876,6 +894,8 @@ def _add_kernel_modules(tree: Tree, kernel: Kernel) -> list[str]:
 
 
 def _add_busybox(tree: Tree) -> None:
+    import subprocess
+
     if not os.access(BUSYBOX, os.X_OK):
         raise ImageError(f"{BUSYBOX} not found: install busybox-static")
     if shared_libraries([BUSYBOX]):

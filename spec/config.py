@@ -14,7 +14,6 @@ import re
 import signal
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bonneville.spec.errors import ConfigError
@@ -47,7 +46,7 @@ __all__ = [
 ]
 
 CONFIG_NAME = "config.json"
-SCHEMA_PATH = Path(__file__).with_name("schema.json")
+SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "schema.json")
 
 # The Linux CFS default; used when a quota comes without a period (as the kernel does).
 DEFAULT_CPU_PERIOD_US = 100_000
@@ -478,7 +477,8 @@ def _validator(name: str) -> Validator:
     # Imported here, not at module level: `state`/`kill` must not pay for jsonschema.
     from jsonschema import Draft202012Validator
 
-    schema: dict[str, Any] = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    with open(SCHEMA_PATH, encoding="utf-8") as f:
+        schema: dict[str, Any] = json.load(f)
     if name == "process":
         schema = {
             "$schema": schema["$schema"],

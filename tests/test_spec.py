@@ -687,10 +687,10 @@ def test_validators_are_cached() -> None:
 def test_schema_file_is_a_valid_json_schema() -> None:
     from jsonschema import Draft202012Validator
 
-    schema = json.loads(spec_config.SCHEMA_PATH.read_text())
+    schema = json.loads(Path(spec_config.SCHEMA_PATH).read_text())
     Draft202012Validator.check_schema(schema)
     # The spec says unknown properties MUST be ignored: nothing may close an object.
-    assert '"additionalProperties": false' not in spec_config.SCHEMA_PATH.read_text()
+    assert '"additionalProperties": false' not in Path(spec_config.SCHEMA_PATH).read_text()
 
 
 # --------------------------------------------------------------------------- `bonneville spec`

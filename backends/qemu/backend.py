@@ -49,6 +49,7 @@ MIGRATION_TIMEOUT = 30.0
 TEMPLATE_MAC = "52:54:00:00:00:{:02x}"
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_THP_DISABLE = 41
 _QEMU_ERROR = re.compile(r"^qemu[\w.-]*: ")
 
 
@@ -83,12 +84,13 @@ def detect_accel(
     return "kvm"
 
 
-def _die_with_parent() -> Callable[[], None]:
+def _die_with_parent(no_huge_pages: bool = False) -> Callable[[], None]:
     """A preexec_fn making the child get SIGKILL when its parent thread dies.
 
     libc is resolved here, before the fork: the child may only call async-signal-safe code.
     The signal follows the *thread* that forked, so launch from a thread that outlives the VM
-    (the monitor launches from its main thread).
+    (the monitor launches from its main thread). With ``no_huge_pages`` the child (and what it
+    execs: the flag survives execve) gets no transparent huge pages.
     """
     prctl = ctypes.CDLL(None, use_errno=True).prctl
     parent = os.getpid()
@@ -98,6 +100,8 @@ def _die_with_parent() -> Callable[[], None]:
             os._exit(127)
         # The parent may have died between fork and prctl: then no signal will ever come.
         if os.getppid() != parent:
+            os._exit(127)
+        if no_huge_pages and prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0:
             os._exit(127)
 
     return preexec
@@ -424,7 +428,11 @@ class QemuBackend(Backend):
                     # Its own session: terminal signals meant for the caller must not reach
                     # QEMU; the monitor decides what the VM gets.
                     start_new_session=True,
-                    preexec_fn=_die_with_parent(),
+                    # Under TCG QEMU asks for huge pages for its translation cache, whose
+                    # last one is then mostly empty, and for some of its heap: 2.4 MiB more
+                    # per idle clone (measured), and no speed-up that 20 interleaved
+                    # `docker run`s could tell from the noise.
+                    preexec_fn=_die_with_parent(no_huge_pages=options.accel == "tcg"),
                 )
         except OSError as exc:
             agent.close()

@@ -20,7 +20,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -55,10 +54,13 @@ def _file_identity(path: str) -> dict[str, Any]:
 def _which(binary: str) -> str:
     if "/" in binary:
         return binary
-    found = shutil.which(binary, path="/usr/sbin:/usr/bin:/sbin:/bin")
-    if not found:
-        raise BackendError(f"{binary} not found")
-    return found
+    # Not shutil.which: every clone's monitor computes the key, and shutil (with the bz2 and
+    # lzma modules it imports) would stay in its memory for the container's life.
+    for directory in ("/usr/sbin", "/usr/bin", "/sbin", "/bin"):
+        path = os.path.join(directory, binary)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    raise BackendError(f"{binary} not found")
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,8 @@ def ensure(spec: TemplateSpec, build: Builder, base: str | None = None) -> tuple
 
 
 def _remove_tree(path: str) -> None:
+    import shutil  # only templates are removed: see _which
+
     shutil.rmtree(path, ignore_errors=True)
 
 
