@@ -236,8 +236,8 @@ def test_launch_pause_resume_stop(launch: Launcher, tmp_path: Path) -> None:
     stdio = [os.readlink(f"/proc/{vm.pid}/fd/{fd}") for fd in (0, 1, 2)]
     assert stdio == ["/dev/null", "/dev/null", str(tmp_path / "run1" / "qemu.log")]
     # Under TCG no transparent huge pages: they only inflate each VM's resident memory.
-    thp = {"tcg": "0", "kvm": "1"}[detect_accel()]
-    assert f"THP_enabled:\t{thp}\n" in Path(f"/proc/{vm.pid}/status").read_text()
+    if detect_accel() == "tcg":
+        assert "THP_enabled:\t0\n" in Path(f"/proc/{vm.pid}/status").read_text()
 
     # The guest booted, wrote through the share, and the agent port carries bytes both ways.
     assert _read_line(vm.channel) == b"ready rw\n"
