@@ -56,7 +56,7 @@ import sys
 
 sys.path[:0] = ["$LIB"]
 sys.path.append("$SITE")
-from bonneville.shim.cli import main
+from bonneville.shim.entry import main
 
 main()
 EOF

@@ -8,6 +8,7 @@ VM is alive or destroy what is left of it.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import importlib
 import json
@@ -15,9 +16,12 @@ import os
 import socket
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
 
 from bonneville.spec.errors import BackendError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, ClassVar
 
 
 class Capability(enum.Enum):
@@ -147,8 +151,34 @@ _BACKENDS = {
 }
 
 
+DEFAULT_BACKEND = "qemu"
+
+
 def backend_names() -> list[str]:
     return sorted(_BACKENDS)
+
+
+def backend_for_create(flag: str | None = None) -> str:
+    """The backend of a new container: --backend, else $BONNEVILLE_BACKEND, else the config
+    file's, else qemu."""
+    if flag:
+        return flag
+    from bonneville.shim import settings
+
+    return str(
+        settings.get("runtime", "backend", env="BONNEVILLE_BACKEND", default=DEFAULT_BACKEND)
+    )
+
+
+def preload_backend(name: str) -> None:
+    """Import the backend called ``name`` and what its launches use, if it can be: a monitor
+    does it while `create` gets ready (errors are get_backend's to report, later)."""
+    target = _BACKENDS.get(name)
+    if target is None:
+        return
+    with contextlib.suppress(Exception):
+        importlib.import_module(target.partition(":")[0])
+        importlib.import_module("bonneville.guest.image")
 
 
 def get_backend(name: str) -> Backend:

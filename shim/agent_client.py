@@ -6,12 +6,15 @@ import select
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
 
 from bonneville.guest import protocol
 from bonneville.spec.errors import AgentError
 
-Reply = dict[str, Any]
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    Reply = dict[str, Any]
 Frame = tuple[int, int, bytes]
 
 

@@ -7,11 +7,11 @@ mounts exist only there, so they vanish with the monitor and can never leak onto
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 from bonneville.guest import paths
 from bonneville.spec.errors import BonnevilleError
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import ctypes
 

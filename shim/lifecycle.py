@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bonneville")
 
-DEFAULT_BACKEND = "qemu"
 # Hang guards only: a cold boot under TCG on a loaded host can take tens of seconds.
 CREATE_TIMEOUT = 300.0
 MONITOR_EXIT_TIMEOUT = 15.0
@@ -44,13 +43,9 @@ class Context:
 
     def backend_for_create(self) -> str:
         """--backend, else $BONNEVILLE_BACKEND, else the config file's, else qemu."""
-        if self.backend:
-            return self.backend
-        from bonneville.shim import settings
+        from bonneville.backends.base import backend_for_create
 
-        return str(
-            settings.get("runtime", "backend", env="BONNEVILLE_BACKEND", default=DEFAULT_BACKEND)
-        )
+        return backend_for_create(self.backend)
 
 
 # ---- status ----------------------------------------------------------------------------------
@@ -164,7 +159,7 @@ def _create(
     use_stdio_tty: bool,
 ) -> ContainerState:
     from bonneville.backends.base import Capability, get_backend
-    from bonneville.shim import monitor
+    from bonneville.shim import launch
 
     spec = bundle.spec
     if spec.process is None:
@@ -203,7 +198,11 @@ def _create(
     try:
         with ctx.store.lock(container_id):
             ctx.store.save(st)
-            config = monitor.MonitorConfig(
+            monitor_pid, sync = launch.take(backend_name)
+            st.pid = monitor_pid
+            st.pid_start = procfs.start_time(monitor_pid)
+            ctx.store.save(st)
+            config = launch.MonitorConfig(
                 container_id=container_id,
                 state_dir=ctx.store.path(container_id),
                 bundle=bundle,
@@ -212,10 +211,7 @@ def _create(
                 use_stdio_tty=use_stdio_tty,
                 runtime_netns=hostns.namespace_id("/proc/self/ns/net"),
             )
-            monitor_pid, sync = monitor.spawn(config)
-            st.pid = monitor_pid
-            st.pid_start = procfs.start_time(monitor_pid)
-            ctx.store.save(st)
+            launch.hand_over(sync, config)
             deadline = time.monotonic() + CREATE_TIMEOUT
             _read_phase(sync, deadline)  # the monitor sits in the container's namespaces
             validation.result()  # (the monitor is launching a clone meanwhile)

@@ -1,9 +1,10 @@
 """The per-container monitor: the long-lived host process whose PID is the container's.
 
-`create` forks it. It enters the container's host namespaces, prepares the shared root, launches
-the VM through a backend, waits for the agent, and then relays: stdio (or the pty) between the
-caller and the guest process, signals sent to it or through `kill`, window size, and finally the
-container's exit status, which becomes its own. Its control socket serves the CLI's requests.
+`create` forks it (shim/launch.py) and hands it the container's configuration. It enters the
+container's host namespaces, prepares the shared root, launches the VM through a backend, waits
+for the agent, and then relays: stdio (or the pty) between the caller and the guest process,
+signals sent to it or through `kill`, window size, and finally the container's exit status, which
+becomes its own. Its control socket serves the CLI's requests.
 """
 
 from __future__ import annotations
@@ -21,16 +22,25 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
-from bonneville.backends.base import VM, Backend, Capability, VMConfig, get_backend
+from bonneville.backends.base import (
+    VM,
+    Backend,
+    Capability,
+    VMConfig,
+    backend_for_create,
+    get_backend,
+    preload_backend,
+)
 from bonneville.guest import protocol
-from bonneville.shim import console, hostns, network, state, unixsock
+from bonneville.shim import console, hostns, launch, network, state, unixsock
 from bonneville.shim.agent_client import AgentConnection
 from bonneville.shim.signals import IGNORED_BY_DEFAULT
-from bonneville.spec.config import Bundle
 from bonneville.spec.errors import BonnevilleError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 log = logging.getLogger("bonneville.monitor")
 
@@ -43,40 +53,39 @@ AGENT_LOG_WINDOW = 10.0
 AGENT_LOG_LINE_CHARS = 2000
 
 
-@dataclass
-class MonitorConfig:
-    container_id: str
-    state_dir: str
-    bundle: Bundle
-    backend: str
-    console_socket: str | None
-    # `run` without a console socket uses the caller's terminal (fds 0/1) as the console.
-    use_stdio_tty: bool = False
-    # (st_dev, st_ino) of the network namespace create ran in: never the container's.
-    runtime_netns: tuple[int, int] = (0, 0)
-
-
 class SetupFailed(BonnevilleError):
     pass
 
 
-def spawn(config: MonitorConfig) -> tuple[int, socket.socket]:
-    """Fork the monitor; return its PID and our end of the setup channel."""
-    parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    pid = os.fork()
-    if pid:
-        child_end.close()
-        return pid, parent_end
-    # Child. Never return into the CLI's code.
-    status = 1
+def serve(sync: socket.socket, backend: str | None) -> int:
+    """The monitor process (forked by shim/launch.py): import what a launch needs while `create`
+    gets ready, then run the container it hands over; 0 if it hands over none (it failed).
+    ``backend`` is the --backend flag if the CLI was given one."""
+    _preload(backend)
     try:
-        parent_end.close()
-        status = Monitor(config, child_end).main()
-    except BaseException:
-        with contextlib.suppress(Exception):
-            log.error("monitor crashed: %s", traceback.format_exc())
-    finally:
-        os._exit(status)
+        line = unixsock.read_line(sync, limit=launch.CONFIG_LIMIT)
+        if not line:
+            return 0
+        message = json.loads(line)
+        os.environ.clear()
+        os.environ.update(message["environ"])
+        config = launch.MonitorConfig.from_message(message)
+    except Exception as exc:  # create parsed this config: a bug, but say so
+        with contextlib.suppress(OSError):
+            _send_json(sync, {"phase": "error", "error": f"monitor: bad setup message: {exc}"})
+        return 1
+    return Monitor(config, sync).main()
+
+
+def _preload(backend: str | None) -> None:
+    """Import what comes after the hand-over: the spec's parser and resources, the backend (the
+    flag's, else the configured one) and the image lookup. An error here is create's to report
+    (it reads the same settings), not ours."""
+    import bonneville.spec.config
+    import bonneville.spec.resources  # noqa: F401
+
+    with contextlib.suppress(Exception):
+        preload_backend(backend or backend_for_create())
 
 
 def _laps(reply: dict[str, Any]) -> str:
@@ -108,7 +117,7 @@ def _send_json(sock: socket.socket, message: dict[str, Any]) -> None:
 
 
 class Monitor:
-    def __init__(self, config: MonitorConfig, sync: socket.socket) -> None:
+    def __init__(self, config: launch.MonitorConfig, sync: socket.socket) -> None:
         self.cfg = config
         self.spec = config.bundle.spec
         self.sync: socket.socket | None = sync

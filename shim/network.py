@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 import subprocess
 from dataclasses import dataclass, field
-from typing import Any
 
 from bonneville.spec.errors import BonnevilleError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 CONTAINER_LINK_KINDS = frozenset({"veth", "macvlan", "ipvlan", "macvtap"})
 _ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}

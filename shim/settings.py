@@ -25,9 +25,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from functools import cache
-from typing import Any
 
 from bonneville.spec.errors import ConfigError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 CONFIG_ENV = "BONNEVILLE_CONFIG"
 DEFAULT_CONFIG = "/etc/bonneville/config.toml"
@@ -40,17 +43,21 @@ def config_path(environ: Mapping[str, str] | None = None) -> str:
 
 @cache
 def _load(path: str) -> dict[str, Any]:
-    import tomllib
-
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        f = open(path, "rb")  # noqa: SIM115 - closed below
     except FileNotFoundError:
         return {}
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(path, f"not valid TOML: {exc}") from exc
     except OSError as exc:
         raise ConfigError(path, exc.strerror or str(exc)) from exc
+    import tomllib  # only with a file: it costs every monitor ~0.5 MiB (typing with it)
+
+    with f:
+        try:
+            data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(path, f"not valid TOML: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError(path, exc.strerror or str(exc)) from exc
     for section, value in data.items():
         if not isinstance(value, dict):
             raise ConfigError(path, f"{section!r} must be a [table]")

@@ -19,9 +19,12 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 from bonneville.spec.errors import BonnevilleError, ContainerExists, ContainerNotFound
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 DEFAULT_ROOT = "/run/bonneville"
 OCI_VERSION = "1.1.0"

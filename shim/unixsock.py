@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import os
 import socket
-from typing import Any
 
 from bonneville.spec.errors import BonnevilleError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def _short_path(path: str) -> tuple[int, str]:

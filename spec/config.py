@@ -14,11 +14,13 @@ import re
 import signal
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 from bonneville.spec.errors import ConfigError
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from jsonschema.exceptions import ValidationError
     from jsonschema.protocols import Validator
 
@@ -283,6 +285,12 @@ def _bundle_paths(bundle: str) -> tuple[str, str]:
     if not os.path.isdir(path):
         raise ConfigError(path, "bundle is not a directory")
     return path, os.path.join(path, CONFIG_NAME)
+
+
+def parse_bundle(path: str, raw: dict[str, Any]) -> Bundle:
+    """The Bundle at ``path`` (absolute) whose config.json reads ``raw`` (the monitor's copy of
+    the one `create` opened)."""
+    return _parse_bundle(path, raw, os.path.join(path, CONFIG_NAME))
 
 
 def _parse_bundle(path: str, raw: dict[str, Any], config_path: str) -> Bundle:

@@ -9,7 +9,10 @@ namespace is always listed (runc adds it only on cgroup v2 hosts; in our VM it i
 from __future__ import annotations
 
 import os
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 OCI_VERSION = "1.1.0"
 HOSTNAME = "bonneville"

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bonneville.guest import protocol
-from bonneville.shim import monitor
+from bonneville.shim import launch, monitor
 from bonneville.shim.agent_client import AgentConnection
 from bonneville.spec.config import load_bundle
 from bonneville.spec.errors import AgentError
@@ -34,7 +34,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def hostile(bundle: Path, tmp_path: Path) -> Iterator[tuple[monitor.Monitor, socket.socket]]:
     """A monitor whose agent end is ours to write anything into."""
-    config = monitor.MonitorConfig(
+    config = launch.MonitorConfig(
         container_id="c1",
         state_dir=str(tmp_path),
         bundle=load_bundle(str(bundle)),

@@ -21,7 +21,6 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
 
 from bonneville.backends import procfs
 from bonneville.backends.base import VM, Backend, Capability, VMConfig
@@ -30,6 +29,10 @@ from bonneville.backends.qemu.cmdline import Boot, BootMode, QemuOptions, build_
 from bonneville.backends.qemu.qmp import QMPClient
 from bonneville.guest import protocol
 from bonneville.spec.errors import BackendError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 log = logging.getLogger("bonneville.qemu")
 

@@ -14,9 +14,12 @@ import socket
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from bonneville.spec.errors import BackendError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 DEFAULT_TIMEOUT = 10.0
 # A QMP message is small; a runaway peer must not make us buffer without bound.

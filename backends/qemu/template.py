@@ -23,10 +23,13 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
 
 from bonneville.backends.qemu.cmdline import QemuOptions
 from bonneville.spec.errors import BackendError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 TEMPLATE_DIR_ENV = "BONNEVILLE_TEMPLATE_DIR"
 DEFAULT_TEMPLATE_DIR = "/var/lib/bonneville/templates"

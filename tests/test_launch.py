@@ -1,0 +1,92 @@
+"""The monitor's early start (shim/launch.py): which commands get one, what it imports, and that
+a `create` that fails first leaves it behind nowhere."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+
+from bonneville.shim import launch
+from bonneville.shim.cli import cli
+from conftest import Runtime, default_config, leftover_processes, write_bundle
+
+
+@pytest.mark.parametrize(
+    ("argv", "command", "backend"),
+    [
+        (["create", "--bundle", "b", "c1"], "create", None),
+        (["--root", "/run/x", "--log", "/l", "--log-format", "json", "run", "c1"], "run", None),
+        (["--root", "create", "delete", "c1"], "delete", None),  # a value, not the command
+        (["--backend", "fake", "create", "c1"], "create", "fake"),
+        (["--backend=libvirt", "--debug", "run", "c1"], "run", "libvirt"),
+        (["--systemd-cgroup", "state", "create"], "state", None),  # an id named create
+        (["--debug"], None, None),
+        ([], None, None),
+    ],
+)
+def test_the_command_is_found_past_the_global_options(
+    argv: list[str], command: str | None, backend: str | None
+) -> None:
+    assert launch.command_of(argv) == (command, backend)
+
+
+def test_the_options_taking_a_value_are_the_clis() -> None:
+    """command_of must skip exactly the values of cli's global options (else it misreads
+    `--root create` as the create command, or misses one)."""
+    takes_value = {
+        name
+        for param in cli.params
+        if isinstance(param, click.Option) and not param.is_flag and not param.count
+        for name in param.opts
+        if name.startswith("--")
+    }
+    assert takes_value == launch.VALUE_OPTIONS
+
+
+def test_the_monitor_imports_no_cli_and_no_typing(tmp_path: Path) -> None:
+    """What a monitor imports stays in memory as long as its container runs (docs/benchmarks.md):
+    not click, jsonschema, typing or pathlib, nor the image builder's modules."""
+    # The package as the launcher sees it (install.sh): bonneville/<folder> -> the checkout's.
+    checkout = Path(launch.__file__).resolve().parents[1]
+    (tmp_path / "bonneville").mkdir()
+    (tmp_path / "bonneville" / "__init__.py").write_text("")
+    for folder in ("shim", "spec", "backends", "guest"):
+        (tmp_path / "bonneville" / folder).symlink_to(checkout / folder)
+    probe = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from bonneville.shim import launch, monitor
+monitor._preload("qemu")
+print(json.dumps(sorted(sys.modules)))
+"""
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", probe, str(tmp_path)],
+        capture_output=True,
+        check=True,
+        env={"PATH": "/usr/bin:/bin", "BONNEVILLE_CONFIG": str(tmp_path / "no-config.toml")},
+    ).stdout
+    modules = set(json.loads(out))
+    assert "bonneville.backends.qemu.backend" in modules  # preloaded
+    assert "bonneville.guest.image" in modules
+    for unwanted in ("click", "jsonschema", "typing", "pathlib", "tomllib", "gzip", "tempfile"):
+        assert unwanted not in modules
+
+
+def test_a_create_that_fails_leaves_no_early_monitor(tmp_path: Path) -> None:
+    rt = Runtime(tmp_path / "state", "fake")
+    bad = write_bundle(tmp_path / "bundle", {**default_config(["true"]), "ociVersion": 5})
+    for args in (
+        ("create", "--bundle", str(tmp_path / "missing"), "c1"),
+        ("create", "--bundle", str(bad), "c1"),
+        ("create", "--bundle", str(bad), "bad/id"),
+        ("run", "--no-such-flag", "c1"),
+    ):
+        result = rt(*args)
+        assert result.returncode != 0
+        assert leftover_processes(str(rt.root)) == []
+    rt.cleanup()
