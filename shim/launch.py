@@ -167,6 +167,9 @@ def _fork(backend: str | None) -> tuple[int, socket.socket]:
     # Child: the monitor. Never return into the CLI's code.
     status = 1
     try:
+        # Out of the caller's session and process group at once: a ^C or a hangup meant for
+        # the CLI must not end a container's monitor (it learns of the CLI's end by EOF).
+        os.setsid()
         parent_end.close()
         from bonneville.shim.monitor import serve
 

@@ -155,7 +155,7 @@ class Monitor:
     # ---- process set-up -------------------------------------------------------------------
 
     def _detach(self) -> None:
-        os.setsid()
+        # (launch._fork made us a session leader already: no terminal signal reaches us.)
         log_path = os.path.join(self.cfg.state_dir, state.LOG_FILE)
         logfd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         keep = {0, 1, 2, logfd, self.sync.fileno() if self.sync else -1, self.sig_r, self.sig_w}
