@@ -2,11 +2,11 @@
 
 The monitor (shim/monitor.py) is a fork of the `bonneville` process that runs `create`. It lives
 as long as the container, so everything the CLI had imported when it forked stays in memory once
-per container: click alone is ~1.4 MiB of it. So `create` and `run` fork it first thing, before
-the CLI imports anything (the `bonneville` launcher calls :func:`start`): the child imports only
-the monitor's own modules, meanwhile, on another CPU, while the CLI imports click, parses the
-bundle and checks it; it then waits until `create` hands it its :class:`MonitorConfig` over the
-setup channel (:func:`hand_over`). A CLI that ends before that (bad flags, a bad bundle) kills
+per container (click alone is ~1.4 MiB of it). So `create` and `run` fork it first thing, before
+the CLI imports anything (shim/entry.py calls :func:`start`): the child imports only the
+monitor's own modules, on another CPU while the CLI imports click, parses the bundle and checks
+it; it then waits until `create` hands it its :class:`MonitorConfig` over the setup channel
+(:func:`hand_over`). A CLI that ends before that (bad flags, a bad bundle) kills
 and reaps the child on its way out (:func:`discard`): nothing outlives the failed command.
 
 This module is imported before the fork, so it imports little.
