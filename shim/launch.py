@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import socket
+from dataclasses import dataclass
 
 from bonneville.spec.errors import BonnevilleError
 
@@ -43,28 +44,19 @@ CONFIG_LIMIT = 64 << 20  # the setup message carries config.json
 _early: tuple[int, int, socket.socket] | None = None
 
 
+@dataclass
 class MonitorConfig:
     """What `create` hands the monitor: the container and its bundle, parsed."""
 
-    def __init__(
-        self,
-        container_id: str,
-        state_dir: str,
-        bundle: Bundle,
-        backend: str,
-        console_socket: str | None,
-        use_stdio_tty: bool = False,
-        runtime_netns: tuple[int, int] = (0, 0),
-    ) -> None:
-        self.container_id = container_id
-        self.state_dir = state_dir
-        self.bundle = bundle
-        self.backend = backend
-        self.console_socket = console_socket
-        # `run` without a console socket uses the caller's terminal (fds 0/1) as the console.
-        self.use_stdio_tty = use_stdio_tty
-        # (st_dev, st_ino) of the network namespace create ran in: never the container's.
-        self.runtime_netns = runtime_netns
+    container_id: str
+    state_dir: str
+    bundle: Bundle
+    backend: str
+    console_socket: str | None
+    # `run` without a console socket uses the caller's terminal (fds 0/1) as the console.
+    use_stdio_tty: bool = False
+    # (st_dev, st_ino) of the network namespace create ran in: never the container's.
+    runtime_netns: tuple[int, int] = (0, 0)
 
     def to_message(self) -> dict[str, Any]:
         return {
