@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 import pytest
 
-from bonneville.shim import launch
+from bonneville.shim import entry, launch
 from bonneville.shim.cli import cli
 from conftest import Runtime, default_config, leftover_processes, write_bundle
 
@@ -90,3 +90,30 @@ def test_a_create_that_fails_leaves_no_early_monitor(tmp_path: Path) -> None:
         assert result.returncode != 0
         assert leftover_processes(str(rt.root)) == []
     rt.cleanup()
+
+
+@pytest.mark.parametrize(("code", "status"), [(None, 0), (0, 0), (3, 3), ("bad flag", 1)])
+def test_the_launcher_exits_as_python_would(
+    code: object, status: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """entry.main ends with os._exit (no interpreter teardown): sys.exit's meaning is kept."""
+    assert entry.exit_status(code) == status
+    assert capsys.readouterr().err == (f"{code}\n" if isinstance(code, str) else "")
+
+
+def test_the_launcher_flushes_what_the_cli_wrote(tmp_path: Path) -> None:
+    """Output the CLI buffered (stdout to a pipe is block-buffered) survives the os._exit, as
+    does the --log file's last line."""
+    log = tmp_path / "log.json"
+    out = subprocess.run(
+        ["bonneville", "--log", str(log), "--log-format", "json", "state", "nosuch"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 1
+    assert out.stderr == "bonneville: container nosuch does not exist\n"
+    assert "container nosuch does not exist" in json.loads(log.read_text().splitlines()[-1])["msg"]
+    probe = "import sys; from bonneville.shim import entry; print('buffered'); entry.leave(4)"
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)}  # no PYTHONUNBUFFERED
+    left = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
+    assert (left.returncode, left.stdout) == (4, "buffered\n")
