@@ -13,7 +13,7 @@ log = logging.getLogger("bonneville")
 
 
 def _field(hook: Any, name: str, default: Any) -> Any:
-    """Hooks come as spec dataclasses (create) or raw JSON dicts (poststop, from state.json)."""
+    """Hooks come as spec dataclasses (create) or raw JSON dicts (later, from state.json)."""
     if isinstance(hook, dict):
         return hook.get(name, default)
     return getattr(hook, name, default)

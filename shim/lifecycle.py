@@ -191,7 +191,9 @@ def _create(
         annotations=dict(spec.annotations),
         creator_pid=os.getpid(),
         creator_start=procfs.start_time(os.getpid()),
-        poststop_hooks=list((bundle.raw.get("hooks") or {}).get("poststop") or []),
+        start_container_hooks=_raw_hooks(bundle, "startContainer"),
+        poststart_hooks=_raw_hooks(bundle, "poststart"),
+        poststop_hooks=_raw_hooks(bundle, "poststop"),
     )
     monitor_pid = 0
     sync: socket.socket | None = None
@@ -240,6 +242,10 @@ def _create(
     return st
 
 
+def _raw_hooks(bundle: Bundle, kind: str) -> list[dict[str, Any]]:
+    return list((bundle.raw.get("hooks") or {}).get(kind) or [])
+
+
 def _shares_host_network(linux: Any) -> bool:
     """No network namespace, or a path naming our own (docker --network host passes one)."""
     ns = linux.namespace("network")
@@ -279,8 +285,6 @@ def _monitor_call(ctx: Context, st: ContainerState, request: dict[str, Any]) -> 
 
 
 def start(ctx: Context, container_id: str) -> None:
-    from bonneville.spec.config import load_bundle
-
     with ctx.store.lock(container_id):
         st = ctx.store.load(container_id)
         status = refresh(ctx, st)
@@ -288,10 +292,9 @@ def start(ctx: Context, container_id: str) -> None:
             if status is Status.STOPPED:
                 raise InvalidState("cannot start a container that has stopped", status.value)
             raise InvalidState(f"cannot start an already {status.value} container", status.value)
-        spec = load_bundle(st.bundle, validate=False).spec
         try:
             hooks.run_hooks(
-                "startContainer", spec.hooks.start_container, _hook_state(st, Status.CREATED)
+                "startContainer", st.start_container_hooks, _hook_state(st, Status.CREATED)
             )
         except HookError:
             _stop_monitor(ctx, st)
@@ -299,7 +302,7 @@ def start(ctx: Context, container_id: str) -> None:
         _monitor_call(ctx, st, {"op": "start"})
         st.started = True
         ctx.store.save(st)
-        hooks.run_hooks_warn("poststart", spec.hooks.poststart, _hook_state(st, Status.RUNNING))
+        hooks.run_hooks_warn("poststart", st.poststart_hooks, _hook_state(st, Status.RUNNING))
 
 
 def run(

@@ -73,7 +73,10 @@ class ContainerState:
     paused: bool = False
     # Opaque to the core: whatever the backend needs to check on or destroy its VM.
     backend_state: dict[str, Any] = field(default_factory=dict)
-    # Raw poststop hooks from config.json: delete runs them even if the bundle is gone.
+    # Raw hooks from config.json as create read it, for the commands that run them later (as
+    # runc keeps its config in its state): start and delete never read the bundle again.
+    start_container_hooks: list[dict[str, Any]] = field(default_factory=list)
+    poststart_hooks: list[dict[str, Any]] = field(default_factory=list)
     poststop_hooks: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
