@@ -177,7 +177,9 @@ def preload_backend(name: str) -> None:
     if target is None:
         return
     with contextlib.suppress(Exception):
-        importlib.import_module(target.partition(":")[0])
+        module = importlib.import_module(target.partition(":")[0])
+        for name in getattr(module, "PRELOAD", ()):  # what only a launch imports
+            importlib.import_module(name)
         importlib.import_module("bonneville.guest.image")
 
 

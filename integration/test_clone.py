@@ -13,7 +13,8 @@ import pytest
 
 from bonneville.backends.base import VMConfig
 from bonneville.backends.qemu import template as templates
-from bonneville.backends.qemu.backend import QemuBackend, QemuVM
+from bonneville.backends.qemu.backend import QemuBackend
+from bonneville.backends.qemu.machine import QemuVM
 from conftest import Runtime, default_config, write_bundle
 from tests.test_lifecycle import make_bundle
 

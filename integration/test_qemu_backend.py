@@ -24,7 +24,8 @@ import pytest
 
 from bonneville.backends import procfs
 from bonneville.backends.base import Capability, VMConfig
-from bonneville.backends.qemu.backend import QemuBackend, QemuVM, detect_accel
+from bonneville.backends.qemu.backend import QemuBackend, detect_accel
+from bonneville.backends.qemu.machine import QemuVM
 from bonneville.guest import protocol
 from bonneville.spec.errors import BackendError
 from conftest import BUSYBOX

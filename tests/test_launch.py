@@ -71,9 +71,39 @@ print(json.dumps(sorted(sys.modules)))
         env={"PATH": "/usr/bin:/bin", "BONNEVILLE_CONFIG": str(tmp_path / "no-config.toml")},
     ).stdout
     modules = set(json.loads(out))
-    assert "bonneville.backends.qemu.backend" in modules  # preloaded
+    assert "bonneville.backends.qemu.machine" in modules  # preloaded: what a launch uses
     assert "bonneville.guest.image" in modules
     for unwanted in ("click", "jsonschema", "typing", "pathlib", "tomllib", "gzip", "tempfile"):
+        assert unwanted not in modules
+
+
+def test_the_qemu_backend_of_other_commands_imports_no_launch_machinery(tmp_path: Path) -> None:
+    """state, start, kill and delete ask the backend whether a VM lives or to end it: that must
+    not import what launching QEMU takes (machine.py, the template and QMP code, ctypes…),
+    ~10 ms of each such CLI call."""
+    probe = """
+import json, sys
+from bonneville.backends.base import get_backend
+backend = get_backend("qemu")
+backend.alive({"pid": 0})
+backend.destroy({"pid": 0})
+print(json.dumps(sorted(sys.modules)))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        check=True,
+        env={"PATH": "/usr/bin:/bin"},
+    ).stdout
+    modules = set(json.loads(out))
+    assert "bonneville.backends.qemu.backend" in modules
+    for unwanted in (
+        "bonneville.backends.qemu.machine",
+        "bonneville.backends.qemu.template",
+        "bonneville.backends.qemu.qmp",
+        "ctypes",
+        "hashlib",
+    ):
         assert unwanted not in modules
 
 
