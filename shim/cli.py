@@ -12,8 +12,9 @@ from typing import Any, NoReturn
 import click
 
 from bonneville.shim import log as shimlog
+from bonneville.shim.ids import DEFAULT_ROOT
 from bonneville.shim.lifecycle import Context
-from bonneville.shim.state import DEFAULT_ROOT, Store
+from bonneville.shim.state import Store
 from bonneville.spec.errors import BonnevilleError
 
 VERSION = "0.1.0"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from bonneville.backends import procfs
-from bonneville.shim import hooks, hostns, state, unixsock
+from bonneville.shim import hooks, hostns, ids, state, unixsock
 from bonneville.shim.state import ContainerState, Store
 from bonneville.shim.status import Status
 from bonneville.spec.errors import (
@@ -132,7 +132,7 @@ def create(
     """Create the container: its VM is up and its agent ready when this returns."""
     from bonneville.spec.config import open_bundle
 
-    state.validate_id(container_id)
+    ids.validate_id(container_id)
     # The schema is checked in a child while the monitor launches the VM; its verdict comes
     # before any hook runs, and outranks any other error (as if it had been checked first).
     bundle, validation = open_bundle(bundle_path)

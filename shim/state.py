@@ -15,36 +15,24 @@ import dataclasses
 import fcntl
 import json
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from bonneville.shim.ids import is_valid_id, validate_id
 from bonneville.spec.errors import BonnevilleError, ContainerExists, ContainerNotFound
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-DEFAULT_ROOT = "/run/bonneville"
 OCI_VERSION = "1.1.0"
-
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+.-]{0,1023}$")
 
 STATE_FILE = "state.json"
 EXIT_FILE = "exit.json"
 SOCKET_FILE = "monitor.sock"
 LOG_FILE = "monitor.log"
 SHARE_DIR = "share"
-
-
-def validate_id(container_id: str) -> str:
-    """Refuse ids that could escape --root or confuse tools (runc's rules)."""
-    if not _ID_RE.match(container_id) or container_id in (".", ".."):
-        raise BonnevilleError(
-            f"invalid container id {container_id!r}: must match [A-Za-z0-9][A-Za-z0-9_+.-]*"
-        )
-    return container_id
 
 
 def now_rfc3339() -> str:
@@ -224,4 +212,4 @@ class Store:
             names = os.listdir(self.root)
         except FileNotFoundError:
             return []
-        return sorted(n for n in names if _ID_RE.match(n) and os.path.isdir(self.path(n)))
+        return sorted(n for n in names if is_valid_id(n) and os.path.isdir(self.path(n)))

@@ -147,3 +147,53 @@ def test_the_launcher_flushes_what_the_cli_wrote(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)}  # no PYTHONUNBUFFERED
     left = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
     assert (left.returncode, left.stdout) == (4, "buffered\n")
+
+
+# (global options, command arguments, whether the launcher answers it without the CLI)
+DELETE_CASES = [
+    (["--root", "{root}"], ["delete", "--force", "gone"], True),
+    (
+        ["--root={root}", "--log", "{log}", "--log-format", "json"],
+        ["delete", "-f", "gone"],
+        True,
+    ),
+    (["--root", "{root}", "--systemd-cgroup"], ["delete", "gone", "--force"], True),
+    (["--root", "{root}"], ["delete", "gone"], False),  # not forced: an error
+    (["--root", "{root}"], ["delete", "--force", "../x"], False),  # a bad id
+    (["--root", "{root}", "--log-format", "yaml"], ["delete", "--force", "gone"], False),
+    (["--root", "{root}"], ["delete", "--force", "gone", "more"], False),
+    (["--root", "{root}", "--log", "{root}/no/dir/log"], ["delete", "--force", "gone"], False),
+    (["--root", "{root}"], ["delete", "--force", "half"], False),  # exists: the CLI's
+    (["--root", "{root}", "--debug"], ["delete", "--force", "gone"], False),
+]
+
+
+@pytest.mark.parametrize(("options", "command", "shortcut"), DELETE_CASES)
+def test_the_launchers_delete_shortcut_answers_as_the_cli(
+    tmp_path: Path, options: list[str], command: list[str], shortcut: bool
+) -> None:
+    """containerd's `delete --force ID` after every delete is answered by the launcher when
+    the container is gone (entry.deleted_already): its exit status, output, log file and
+    --root must be the CLI's own, for that shape and for the shapes it leaves to the CLI."""
+    outcomes = []
+    for name, program in (("launcher", ["bonneville"]), ("cli", [sys.executable, "-c", CLI])):
+        root = tmp_path / name / "root"
+        (root / "half").mkdir(parents=True)  # a create that died before its state file
+        log = tmp_path / name / "log.json"
+        argv = [a.format(root=root, log=log) for a in options + command]
+        if name == "launcher":
+            assert entry.deleted_already(argv) is shortcut
+        result = subprocess.run(program + argv, capture_output=True, text=True)
+        outcomes.append(
+            (
+                result.returncode,
+                result.stdout,
+                result.stderr.replace(str(tmp_path / name), "T"),
+                log.exists(),
+                sorted(p.name for p in root.iterdir()),
+            )
+        )
+    assert outcomes[0] == outcomes[1]
+
+
+CLI = "import sys; from bonneville.shim.cli import main; sys.argv[0] = 'bonneville'; main()"

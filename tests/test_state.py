@@ -12,8 +12,9 @@ import pytest
 
 from bonneville.backends import procfs
 from bonneville.shim import hostns
+from bonneville.shim.ids import validate_id
 from bonneville.shim.signals import parse_signal
-from bonneville.shim.state import ContainerState, Store, atomic_write, validate_id
+from bonneville.shim.state import ContainerState, Store, atomic_write
 from bonneville.shim.status import Status
 from bonneville.spec.errors import BonnevilleError, ContainerExists, ContainerNotFound
 
