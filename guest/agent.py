@@ -1015,11 +1015,11 @@ class Stopwatch:
         self.last = now
 
 
-def build_container(
-    mode: Mode, container: dict[str, Any], log: Log, watch: Stopwatch | None = None
-) -> None:
-    """The whole of ``setup``: in runc's order, each failure naming what failed."""
-    watch = watch or Stopwatch()
+def build_container(mode: Mode, container: dict[str, Any], log: Log, watch: Stopwatch) -> None:
+    """``setup`` but the network, in runc's order, each failure naming what failed: the clock,
+    entropy, cgroup limits, the root and every mount, /dev, the names and sysctls, read-only
+    and masked paths. Nothing here depends on the prestart hooks (they see the bundle on the
+    host, never the guest's mounts), so it may run while they do (``stage`` "early")."""
     root = mode.root
     if mode.guest_wide and container.get("time") is not None:
         # First, so everything created below carries the right timestamps.
@@ -1073,12 +1073,18 @@ def build_container(
             step = "remount the root read-only"
             remount_readonly(root)
         watch.lap("read-only and masked paths")
-        if mode.guest_wide and container.get("network"):
-            step = "configure the network"
-            configure_network(container["network"])
-            watch.lap("network")
     except OSError as exc:
         raise Refused(f"{step}: {errtext(exc)}") from exc
+
+
+def build_network(mode: Mode, container: dict[str, Any], watch: Stopwatch) -> None:
+    """``setup``'s network: after the prestart hooks, which give the container its interfaces."""
+    if mode.guest_wide and container.get("network"):
+        try:
+            configure_network(container["network"])
+        except OSError as exc:
+            raise Refused(f"configure the network: {errtext(exc)}") from exc
+        watch.lap("network")
 
 
 def _guest_nics() -> dict[str, str]:
@@ -1161,6 +1167,9 @@ class Agent:
         self.procs: dict[int, Proc] = {}
         self.by_pid: dict[int, Proc] = {}
         self.setup_done = False
+        # setup but the network (build_container), maybe on its own; why it failed, if it did.
+        self.built = False
+        self.build_error: str | None = None
         # The init process forked at setup, waiting for start: (spec, child, its "go" pipe).
         self.prepared: tuple[ExecSpec, Child, int] | None = None
         self.exiting = False
@@ -1342,14 +1351,32 @@ class Agent:
         return {"version": protocol.VERSION, "pid": os.getpid(), "kernel": os.uname().release}
 
     def op_setup(self, message: dict[str, Any]) -> dict[str, Any]:
-        """Build the container's filesystem and identity, once."""
+        """Build the container's filesystem and identity, once. ``stage`` "early" builds all
+        but the network (build_container) while the host runs the prestart hooks; the
+        ``setup`` after them then configures the network and prepares the process."""
         if self.setup_done:
             raise Refused("the container is already set up")
         container = message["container"]
         if not isinstance(container, dict):
             raise Refused("setup: container must be an object")
+        stage = message.get("stage")
+        if stage not in (None, "early"):
+            raise Refused(f"setup: unknown stage {stage!r}")
         watch = Stopwatch()
-        build_container(self.mode, container, self.log, watch)
+        if self.build_error is not None:
+            raise Refused(self.build_error)  # a half-built container is never finished
+        if not self.built:
+            try:
+                build_container(self.mode, container, self.log, watch)
+            except Exception as exc:
+                self.build_error = str(exc) if isinstance(exc, Refused) else describe(exc)
+                raise
+            self.built = True
+        elif stage == "early":
+            raise Refused("the container is already built")
+        if stage == "early":
+            return {"timings": watch.laps}
+        build_network(self.mode, container, watch)
         self.setup_done = True
         process = message.get("process")
         if isinstance(process, dict):

@@ -141,8 +141,10 @@ class Monitor:
         self.own_netns = False  # we sit in the container's network namespace, not the host's
         self.interfaces: list[network.Interface] = []
         self.early_taps: list[str] = []  # taps of a VM launched during the hooks
+        self.built_early = False  # its agent built the container meanwhile (all but network)
         self.share_ready = False
-        self.early_error: BaseException | None = None  # the share failed during the hooks
+        # The share, or the container's build in the VM, failed during the hooks.
+        self.early_error: BaseException | None = None
         self.routes: list[dict[str, Any]] = []
         self.sig_r, self.sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.memory_mib = 0  # the VM's RAM, fixed at launch
@@ -242,7 +244,8 @@ class Monitor:
         self.share_ready = True
         return share
 
-    def _container_setup(self) -> dict[str, Any]:
+    def _container_build(self) -> dict[str, Any]:
+        """``setup.container`` but its network (docs/protocol.md)."""
         linux = self.spec.linux
         resources_raw = ((self.cfg.bundle.raw.get("linux") or {}).get("resources")) or {}
         mounts = [
@@ -264,15 +267,18 @@ class Monitor:
             "sysctl": dict(linux.sysctl) if linux else {},
             "time": time.time(),
             "entropy": base64.b64encode(os.urandom(64)).decode(),
-            "network": network.guest_config(
-                self.interfaces,
-                self.routes,
-                {name: network.ipv6_enabled(name) for name in network.IPV6_SETTINGS}
-                if self.own_netns
-                else None,
-            ),
             "resources": self._cgroup_files(resources_raw, strict=False),
         }
+
+    def _container_network(self) -> dict[str, Any]:
+        """``setup.container.network``: the interfaces the hooks left, as the guest gets them."""
+        return network.guest_config(
+            self.interfaces,
+            self.routes,
+            {name: network.ipv6_enabled(name) for name in network.IPV6_SETTINGS}
+            if self.own_netns
+            else None,
+        )
 
     def _cgroup_files(self, resources: dict[str, Any], strict: bool) -> dict[str, str]:
         """The container's limits as guest cgroup files (see spec/resources.py)."""
@@ -368,6 +374,23 @@ class Monitor:
             network.remove_taps(taps)
             return
         self.early_taps = taps
+        self._build_during_hooks()
+
+    def _build_during_hooks(self) -> None:
+        """Have the agent build the container, all but its network, while the CLI runs the
+        hooks (runc's init too makes its mounts before the prestart hooks run; they see the
+        bundle on the host, never the guest's mounts). The setup after them then only gives
+        the container its network. A failure is create's, reported after the hooks."""
+        assert self.agent is not None
+        try:
+            reply = self.agent.call(
+                "setup", AGENT_CALL_TIMEOUT, stage="early", container=self._container_build()
+            )
+        except BonnevilleError as exc:
+            self.early_error = exc
+            return
+        self.built_early = True
+        self._mark(f"container built during the hooks (in the guest: {_laps(reply)})")
 
     def _adopt_early_vm(self) -> None:
         """Keep the VM launched during the hooks if it has a NIC per interface they left."""
@@ -399,16 +422,20 @@ class Monitor:
                 self.backend.destroy(self.vm.private_state())
         self.agent = None
         self.vm = None
+        self.built_early = False
 
     def _set_up_container(self) -> None:
         assert self.agent is not None
         # With the process, the agent forks it right after replying and takes it up to execve
         # while the host finishes create; start's exec then only lets it go (as runc's init
         # waits on its exec fifo).
+        # Built during the hooks already: the agent needs only the network now.
+        container = {} if self.built_early else self._container_build()
+        container["network"] = self._container_network()
         reply = self.agent.call(
             "setup",
             AGENT_CALL_TIMEOUT,
-            container=self._container_setup(),
+            container=container,
             process=self.cfg.bundle.raw.get("process") or {},
         )
         self._mark(f"container set up (in the guest: {_laps(reply)})")

@@ -312,6 +312,38 @@ def test_setup_failure_names_the_mount(
     assert reply["error"] == "mount nosuchfs on /proc: no such device"
 
 
+def test_setup_in_two_stages(start_agent: Callable[..., Client], busybox_rootfs: Path) -> None:
+    """`setup` with stage "early" builds all but the network while the host runs the prestart
+    hooks; the `setup` after them finishes (and builds nothing twice); a stage comes once."""
+    client = start_agent(busybox_rootfs)
+    unknown = client.call("setup", stage="later", container=container())
+    assert not unknown["ok"] and "unknown stage" in unknown["error"]
+    early = client.call("setup", stage="early", container=container())
+    assert early["ok"], early
+    assert [lap[0] for lap in early["timings"]][-1] == "read-only and masked paths"
+    exec_too_soon = client.call("exec", id=2, process=process(["true"]), stdin=False)
+    assert not exec_too_soon["ok"] and "not set up" in exec_too_soon["error"]
+    twice = client.call("setup", stage="early", container=container())
+    assert not twice["ok"] and "already built" in twice["error"]
+    rest = client.call("setup", container=container())
+    assert rest["ok"] and rest["timings"] == []  # host mode: no network to configure
+    assert run(
+        client, ["sh", "-c", "hostname; grep -c ' /proc/acpi ' /proc/self/mounts"]
+    ).stdout == (b"bonnie\n1\n")
+
+
+def test_setup_after_a_failed_early_stage_fails_alike(
+    start_agent: Callable[..., Client], busybox_rootfs: Path
+) -> None:
+    """A container whose early stage failed half-way is never finished by the later setup."""
+    client = start_agent(busybox_rootfs)
+    bad = {"destination": "/proc", "type": "nosuchfs", "source": "x", "options": []}
+    early = client.call("setup", stage="early", container=container(mounts=[bad]))
+    assert early["error"] == "mount nosuchfs on /proc: no such device"
+    rest = client.call("setup", container=container())
+    assert (rest["ok"], rest["error"]) == (False, early["error"])
+
+
 def test_exec_output_eof_frames_and_exit_status(
     start_agent: Callable[..., Client], busybox_rootfs: Path
 ) -> None:
