@@ -11,15 +11,29 @@ import sys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from typing import NoReturn
+
+# The commands that start a monitor, and the global options that take a value (the next
+# argument is that value, not the command). Kept in step with shim/cli.py by a test; a miss
+# only costs the head start (`create` forks the monitor when it needs it, see launch.take()).
+CREATING_COMMANDS = frozenset({"create", "run"})
+VALUE_OPTIONS = frozenset(
+    {"--root", "--log", "--log-format", "--rootless", "--criu", "--backend", "--libvirt-uri"}
+)
+# The one global flag containerd's `delete --force` may come with (deleted_already).
+_DELETE_FLAGS = frozenset({"--systemd-cgroup"})
 
 
 def main() -> NoReturn:
-    if deleted_already(sys.argv[1:]):
+    argv = sys.argv[1:]
+    if deleted_already(argv):
         leave(0)
     from bonneville.shim import launch
 
-    launch.start(sys.argv[1:])
+    command, backend = command_of(argv)
+    if command in CREATING_COMMANDS:
+        launch.start(backend)
     try:
         from bonneville.shim.cli import main as cli_main
 
@@ -59,10 +73,22 @@ def leave(status: int) -> NoReturn:
     os._exit(status)
 
 
-# The global options `delete --force` may come with from containerd (each takes a value, in
-# either spelling), and the one flag; anything else goes through the CLI.
-_DELETE_GLOBALS = frozenset({"--root", "--log", "--log-format", "--rootless", "--criu"})
-_DELETE_FLAGS = frozenset({"--systemd-cgroup"})
+def command_of(argv: Sequence[str]) -> tuple[str | None, str | None]:
+    """The command named in a `bonneville` argument list, and its --backend flag if given."""
+    backend = None
+    expects_value = None
+    for arg in argv:
+        if expects_value is not None:
+            if expects_value == "--backend":
+                backend = arg
+            expects_value = None
+        elif arg.startswith("--backend="):
+            backend = arg.partition("=")[2]
+        elif arg in VALUE_OPTIONS:
+            expects_value = arg
+        elif not arg.startswith("-"):
+            return arg, backend
+    return None, backend
 
 
 def deleted_already(argv: list[str]) -> bool:
@@ -70,9 +96,9 @@ def deleted_already(argv: list[str]) -> bool:
     succeeds (runc's rule) with nothing to do: containerd's shim makes that call after every
     container's delete, and answering it here spares it the CLI's imports (~45 ms of ~55).
 
-    Only the plain shape qualifies (global options from _DELETE_GLOBALS and _DELETE_FLAGS,
-    `delete`, `--force` or `-f`, one valid ID): anything else, and any doubt, is the CLI's,
-    whose answer this must equal (tests/test_launch.py compares the two).
+    Only the plain shape qualifies (global options from VALUE_OPTIONS in either spelling and
+    _DELETE_FLAGS, `delete`, `--force` or `-f`, one valid ID): anything else, and any doubt, is
+    the CLI's, whose answer this must equal (tests/test_launch.py compares the two).
     """
     from bonneville.shim import ids
     from bonneville.spec.errors import BonnevilleError
@@ -81,7 +107,7 @@ def deleted_already(argv: list[str]) -> bool:
     rest = iter(argv)
     for arg in rest:
         name, eq, value = arg.partition("=")
-        if name in _DELETE_GLOBALS:
+        if name in VALUE_OPTIONS:
             options[name] = value if eq else next(rest, "")
         elif arg in _DELETE_FLAGS:
             continue

@@ -25,18 +25,10 @@ from bonneville.spec.errors import BonnevilleError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Sequence
     from typing import Any
 
     from bonneville.spec.config import Bundle
 
-# The commands that start a monitor, and the global options that take a value (the next
-# argument is that value, not the command). Kept in step with shim/cli.py by a test; a miss
-# only costs the head start (`create` forks the monitor when it needs it, see take()).
-CREATING_COMMANDS = frozenset({"create", "run"})
-VALUE_OPTIONS = frozenset(
-    {"--root", "--log", "--log-format", "--rootless", "--criu", "--backend", "--libvirt-uri"}
-)
 CONFIG_LIMIT = 64 << 20  # the setup message carries config.json
 
 # (the CLI's PID, the monitor's PID, our end of its setup channel) of a monitor started early.
@@ -89,29 +81,11 @@ class MonitorConfig:
         )
 
 
-def command_of(argv: Sequence[str]) -> tuple[str | None, str | None]:
-    """The command named in a `bonneville` argument list, and its --backend flag if given."""
-    backend = None
-    expects_value = None
-    for arg in argv:
-        if expects_value is not None:
-            if expects_value == "--backend":
-                backend = arg
-            expects_value = None
-        elif arg.startswith("--backend="):
-            backend = arg.partition("=")[2]
-        elif arg in VALUE_OPTIONS:
-            expects_value = arg
-        elif not arg.startswith("-"):
-            return arg, backend
-    return None, backend
-
-
-def start(argv: Sequence[str]) -> None:
-    """Fork the monitor now if the command will need one (the launcher calls this first)."""
+def start(backend: str | None) -> None:
+    """Fork the monitor now, for the command about to create a container (entry.py calls
+    this first; ``backend`` is its --backend flag, if given)."""
     global _early
-    command, backend = command_of(argv)
-    if command in CREATING_COMMANDS and _early is None:
+    if _early is None:
         pid, sock = _fork(backend)
         _early = (os.getpid(), pid, sock)
 

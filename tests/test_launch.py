@@ -32,7 +32,7 @@ from conftest import Runtime, default_config, leftover_processes, write_bundle
 def test_the_command_is_found_past_the_global_options(
     argv: list[str], command: str | None, backend: str | None
 ) -> None:
-    assert launch.command_of(argv) == (command, backend)
+    assert entry.command_of(argv) == (command, backend)
 
 
 def test_the_options_taking_a_value_are_the_clis() -> None:
@@ -45,7 +45,7 @@ def test_the_options_taking_a_value_are_the_clis() -> None:
         for name in param.opts
         if name.startswith("--")
     }
-    assert takes_value == launch.VALUE_OPTIONS
+    assert takes_value == entry.VALUE_OPTIONS
 
 
 def test_the_monitor_imports_no_cli_and_no_typing(tmp_path: Path) -> None:
@@ -158,6 +158,11 @@ DELETE_CASES = [
         True,
     ),
     (["--root", "{root}", "--systemd-cgroup"], ["delete", "gone", "--force"], True),
+    (
+        ["--backend", "libvirt", "--libvirt-uri=qemu:///embed", "--root", "{root}"],
+        ["delete", "--force", "gone"],
+        True,
+    ),
     (["--root", "{root}"], ["delete", "gone"], False),  # not forced: an error
     (["--root", "{root}"], ["delete", "--force", "../x"], False),  # a bad id
     (["--root", "{root}", "--log-format", "yaml"], ["delete", "--force", "gone"], False),
