@@ -178,8 +178,8 @@ def preload_backend(name: str) -> None:
         return
     with contextlib.suppress(Exception):
         module = importlib.import_module(target.partition(":")[0])
-        for name in getattr(module, "PRELOAD", ()):  # what only a launch imports
-            importlib.import_module(name)
+        for extra in getattr(module, "PRELOAD", ()):  # what only a launch imports
+            importlib.import_module(extra)
         importlib.import_module("bonneville.guest.image")
 
 

@@ -325,8 +325,7 @@ def read_module(path: str) -> bytes:
     import gzip
     import lzma
 
-    with open(path, "rb") as f:
-        data = f.read()
+    data = _read(path)
     if path.endswith(".xz"):
         return lzma.decompress(data)
     if path.endswith(".gz"):
@@ -450,8 +449,7 @@ class Tree:
         if stat.S_ISDIR(st.st_mode):
             self.directory(cur, stat.S_IMODE(st.st_mode))
         else:
-            with open(cur, "rb") as f:
-                self.file(cur, f.read(), stat.S_IMODE(st.st_mode))
+            self.file(cur, _read(cur), stat.S_IMODE(st.st_mode))
 
     def total_size(self) -> int:
         return sum(len(n.data) for n in self.nodes.values())
