@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from bonneville.backends.qemu.backend import detect_accel
 from conftest import Runtime, default_config, write_bundle
 from integration.backends import BACKENDS, use_backend
 from tests.test_lifecycle import *  # noqa: F403 - the same cases, another backend
@@ -55,6 +56,22 @@ def test_resources_shape_the_vm(runtime: Runtime, tmp_path: Path) -> None:
     mem_kib = int(mem_line.split()[1])
     assert 300 * 1024 < mem_kib <= 384 * 1024
     assert nproc.strip() == str(min(2, os.cpu_count() or 1))
+
+
+def test_the_guest_cpu_runs_x86_64_v3_binaries_and_has_no_erms(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    """Newer distributions' glibc needs x86-64-v2 (RHEL 9) or v3 (RHEL 10); ERMS is left out
+    under TCG, which copies `rep movsb` a byte at a time (backends/qemu/cmdline.cpu_model)."""
+    bundle = make_bundle(tmp_path, ["grep", "-m1", "^flags", "/proc/cpuinfo"])
+    result = runtime("run", "-b", str(bundle), "cpu1")
+    assert result.returncode == 0, result.stderr
+    flags = set(result.stdout.decode().split(":", 1)[1].split())
+    v2 = {"cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3"}
+    v3 = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}
+    assert v2 | v3 <= flags, sorted((v2 | v3) - flags)
+    if detect_accel() == "tcg":
+        assert "erms" not in flags
 
 
 @pytest.mark.parametrize("path", [None, "/proc/self/ns/net"])

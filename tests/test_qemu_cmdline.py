@@ -9,7 +9,14 @@ import pytest
 
 from bonneville.backends.base import VMConfig
 from bonneville.backends.qemu.backend import detect_accel
-from bonneville.backends.qemu.cmdline import Boot, BootMode, QemuOptions, build_argv, escape
+from bonneville.backends.qemu.cmdline import (
+    Boot,
+    BootMode,
+    QemuOptions,
+    build_argv,
+    cpu_model,
+    escape,
+)
 from bonneville.spec.errors import BackendError
 from tests.golden_files import BASE_VM, compare_golden
 
@@ -89,6 +96,12 @@ def test_optional_devices_can_be_left_out() -> None:
     assert "-sandbox" not in args and "rng" not in joined and "vmgenid" not in joined
     assert args[args.index("-accel") + 1] == "tcg"
     assert args[args.index("-cpu") + 1] == "qemu64"
+
+
+def test_cpu_model_is_max_without_erms_under_tcg_and_the_host_cpu_under_kvm() -> None:
+    assert argv(BASE)[argv(BASE).index("-cpu") + 1] == "max,erms=off"
+    assert cpu_model(QemuOptions(accel="kvm")) == "host"
+    assert cpu_model(QemuOptions(accel="tcg", cpu="qemu64")) == "qemu64"
 
 
 def test_cold_boot_takes_no_memory_file() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from bonneville.backends.qemu import template as templates
@@ -71,3 +72,12 @@ def test_a_template_of_another_format_is_stale(tmp_path: Path) -> None:
     data["inputs"]["format"] = templates.FORMAT + 1
     manifest.write_text(json.dumps(data))
     assert [key for key, _ in templates.prune(base)] == [made.key]
+
+
+def test_the_cpu_model_is_part_of_the_key(tmp_path: Path) -> None:
+    (tmp_path / "vmlinux").write_bytes(b"k")
+    (tmp_path / "initrd").write_bytes(b"i")
+    default = spec_for(tmp_path / "vmlinux", tmp_path / "initrd")
+    assert default.inputs()["cpu"] == "max,erms=off"
+    other = replace(default, options=QemuOptions(accel="tcg", cpu="max"))
+    assert other.key() != default.key()

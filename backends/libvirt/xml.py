@@ -98,8 +98,10 @@ def build_xml(config: VMConfig, options: DomainOptions) -> str:
     if options.accel == "kvm":
         _sub(domain, "cpu", mode="host-passthrough", check="none", migratable="off")
     else:
-        # QEMU's `-cpu max`, as in the QEMU backend (x86-64-v2 for newer distributions' glibc).
-        _sub(domain, "cpu", mode="maximum", check="none", migratable="off")
+        # QEMU's `-cpu max,erms=off`, as in the QEMU backend (see cmdline.cpu_model: x86-64-v2
+        # for newer distributions' glibc; no `rep movsb`, which TCG copies a byte at a time).
+        cpu = _sub(domain, "cpu", mode="maximum", check="none", migratable="off")
+        _sub(cpu, "feature", policy="disable", name="erms")
     _sub(domain, "clock", offset="utc")
     # Any end of the guest ends the VM: the container is over, never rebooted.
     _sub(domain, "on_poweroff", "destroy")

@@ -51,10 +51,7 @@ class QemuOptions:
     accel: str = "tcg"  # "tcg" or "kvm"; detected by the backend, never assumed
     # q35, pc or microvm (with its own options, e.g. "microvm,pit=off"); see _bus().
     machine: str = "q35"
-    # None: "max" under TCG, "host" under KVM. Under TCG `max` booted as fast as `qemu64`
-    # (measured: 7.7 s vs 7.8 s to init with the bzImage) and it offers x86-64-v2 (SSE4.2,
-    # POPCNT...), which glibc of newer distributions (RHEL 9 and derivatives) refuses to run
-    # without; `qemu64` would break those container images.
+    # None: cpu_model() picks it (`max` without ERMS under TCG, `host` under KVM).
     cpu: str | None = None
     tb_size_mib: int | None = DEFAULT_TB_SIZE_MIB
     sandbox: bool = True
@@ -72,10 +69,20 @@ def _bus(machine: str) -> str:
     return "device" if machine.split(",", 1)[0] == "microvm" else "pci"
 
 
-def _cpu(options: QemuOptions) -> str:
+def cpu_model(options: QemuOptions) -> str:
+    """The ``-cpu`` value: the host's CPU under KVM; under TCG, ``max`` without ERMS.
+
+    ``max`` offers x86-64-v2 and v3 (SSE4.2, POPCNT, AVX2...), which the glibc of newer
+    distributions requires (RHEL 9 refuses to start without v2): ``qemu64`` would break those
+    container images. ERMS ("enhanced REP MOVSB") makes the guest kernel and glibc copy and
+    clear memory with ``rep movsb``, which TCG emulates one byte per iteration; without it they
+    use ``rep movsq`` and vector loops. Measured: the guest reaches /init 0.26 s sooner (uptime
+    2.01 -> 1.75 s, medians of 5 interleaved boots): unpacking the initramfs and clearing pages
+    are memory copies. Part of every template's key, so changing it rebuilds the templates.
+    """
     if options.cpu is not None:
         return options.cpu
-    return "host" if options.accel == "kvm" else "max"
+    return "host" if options.accel == "kvm" else "max,erms=off"
 
 
 def build_argv(
@@ -113,7 +120,7 @@ def build_argv(
         "-accel",
         accel,
         "-cpu",
-        _cpu(options),
+        cpu_model(options),
         "-m",
         f"{config.memory_mib}M",
         "-smp",

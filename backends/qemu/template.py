@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 
-from bonneville.backends.qemu.cmdline import QemuOptions
+from bonneville.backends.qemu.cmdline import QemuOptions, cpu_model
 from bonneville.spec.errors import BackendError
 
 TYPE_CHECKING = False
@@ -37,7 +37,7 @@ MEMORY_FILE = "memory"
 STATE_FILE = "state"
 MANIFEST_FILE = "manifest.json"
 # Bumped whenever what a template contains or how it is built changes: old ones are not reused.
-FORMAT = 1
+FORMAT = 2  # 2: the CPU model is `max,erms=off` (was `max`)
 
 
 def template_dir(environ: Mapping[str, str] | None = None) -> str:
@@ -88,6 +88,8 @@ class TemplateSpec:
             "vcpus": self.vcpus,
             "nics": self.nics,
             "options": asdict(self.options),
+            # The CPU model the VM gets (a default changing in cmdline.py re-keys templates).
+            "cpu": cpu_model(self.options),
             # A QEMU upgrade changes the binary (and with it the device state format).
             "qemu": _file_identity(_which(self.options.binary)),
         }
