@@ -135,6 +135,7 @@ def build_xml(config: VMConfig, options: DomainOptions) -> str:
         _sub(nic, "mac", address=mac)
         _sub(nic, "target", dev=tap, managed="no")
         _sub(nic, "model", type="virtio")
+        _sub(nic, "rom", enabled="no")  # no iPXE: the guest never network-boots (as cmdline.py)
         _sub(nic, "alias", name=f"ua-net{index}")
         _pci(nic, next_slot())
 

@@ -181,18 +181,21 @@ def build_argv(
             "-device",
             f"virtio-rng-{bus},rng=rng0",
         ]
+    # No option ROM on a PCI NIC: the guest boots its kernel directly and never network-boots,
+    # and iPXE's 244 KiB ROM would be loaded into every VM's private memory.
+    rom = ",romfile=" if bus == "pci" else ""
     for index, (tap, mac) in enumerate(config.nics):
         if not tap:
             # A template's NIC: the device (its state is what clones restore) with no backend;
             # each clone plugs its own tap into the same device, and the agent gives the NIC
             # the container's MAC.
-            argv += ["-device", f"virtio-net-{bus},id=nic{index},mac={mac}"]
+            argv += ["-device", f"virtio-net-{bus},id=nic{index},mac={mac}{rom}"]
             continue
         argv += [
             "-netdev",
             f"tap,id=net{index},ifname={escape(tap)},script=no,downscript=no",
             "-device",
-            f"virtio-net-{bus},id=nic{index},netdev=net{index},mac={mac}",
+            f"virtio-net-{bus},id=nic{index},netdev=net{index},mac={mac}{rom}",
         ]
     if boot.mode is BootMode.CLONE:
         # The state arrives later over QMP (migrate-incoming), after x-ignore-shared is set.

@@ -37,7 +37,7 @@ MEMORY_FILE = "memory"
 STATE_FILE = "state"
 MANIFEST_FILE = "manifest.json"
 # Bumped whenever what a template contains or how it is built changes: old ones are not reused.
-FORMAT = 2  # 2: the CPU model is `max,erms=off` (was `max`)
+FORMAT = 3  # 2: the CPU model is `max,erms=off` (was `max`); 3: NICs have no option ROM
 
 
 def template_dir(environ: Mapping[str, str] | None = None) -> str:
