@@ -10,6 +10,8 @@ import pytest
 from bonneville.backends.base import VMConfig
 from bonneville.backends.qemu.backend import detect_accel
 from bonneville.backends.qemu.cmdline import (
+    BOOT_TB_SIZE_MIB,
+    DEFAULT_TB_SIZE_MIB,
     Boot,
     BootMode,
     QemuOptions,
@@ -67,13 +69,29 @@ def test_argv_is_pure() -> None:
     assert argv(BASE) == argv(BASE)
 
 
-def test_template_and_clone_differ_only_in_memory_sharing_and_incoming() -> None:
-    # A clone restores the template's device state: every device must be the same.
+def test_template_and_clone_differ_only_in_memory_sharing_cache_and_incoming() -> None:
+    # A clone restores the template's device state: every device must be the same. The
+    # translation cache is not part of that state: a boot's is larger (BOOT_TB_SIZE_MIB).
     mem = "/tpl/mem"
     template = argv(BASE, boot=Boot(BootMode.TEMPLATE, mem))
     clone = argv(BASE, boot=Boot(BootMode.CLONE, mem))
-    assert clone[: len(template)] == [a.replace("share=on", "share=off") for a in template]
+    expected = [
+        a.replace("share=on", "share=off").replace(
+            f"tb-size={BOOT_TB_SIZE_MIB}", f"tb-size={DEFAULT_TB_SIZE_MIB}"
+        )
+        for a in template
+    ]
+    assert clone[: len(template)] == expected
     assert clone[len(template) :] == ["-incoming", "defer"]
+
+
+def test_a_boot_gets_a_larger_translation_cache_than_a_clone() -> None:
+    cold = argv(BASE)
+    assert cold[cold.index("-accel") + 1] == f"tcg,tb-size={BOOT_TB_SIZE_MIB}"
+    clone = argv(BASE, boot=Boot(BootMode.CLONE, "/tpl/mem"))
+    assert clone[clone.index("-accel") + 1] == f"tcg,tb-size={DEFAULT_TB_SIZE_MIB}"
+    big = argv(BASE, QemuOptions(accel="tcg", tb_size_mib=512))
+    assert big[big.index("-accel") + 1] == "tcg,tb-size=512"
 
 
 def test_commas_in_paths_are_escaped() -> None:
