@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from bonneville.backends.qemu.cmdline import QemuOptions, cpu_model
 from bonneville.guest import image
 from bonneville.guest.image import GuestImage
 
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.vm
 
 DEADLINE = 120.0  # a hang guard only: a boot takes ~5 s under TCG, more on a busy host
 QEMU = "qemu-system-x86_64"
+TCG = QemuOptions(accel="tcg")  # the guest CPU the QEMU backend gives a VM under TCG
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,7 @@ def boot(guest: GuestImage, workdir: Path, machine: str = "q35") -> tuple[str, f
     args = [
         QEMU,
         *("-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"),
-        *("-accel", "tcg", "-machine", machine, "-cpu", "max", "-m", "256"),
+        *("-accel", "tcg", "-machine", machine, "-cpu", cpu_model(TCG), "-m", "256"),
         *("-kernel", guest.kernel, "-initrd", guest.initrd),
         *("-append", " ".join([*guest.kernel_args, "bonneville.selftest=1"])),
         *("-chardev", f"file,id=console,path={log}", "-serial", "chardev:console"),
