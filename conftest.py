@@ -119,12 +119,18 @@ class Runtime:
                 self("delete", "--force", name)
 
 
-def in_private_netns(script: str) -> Any:
-    """Run a Python ``script`` in a new network namespace (unshare); the JSON it prints."""
+def in_private_netns(script: str, *, own_sysfs: bool = False) -> Any:
+    """Run a Python ``script`` in a new network namespace (unshare); the JSON it prints. With
+    ``own_sysfs``, in a new mount namespace too, with a sysfs of the new network namespace on
+    /sys (for code that reads /sys/class/net, as the guest agent does)."""
     import sys
 
+    prefix = ["unshare", "--net"]
+    if own_sysfs:
+        script = "import os; os.system('mount -t sysfs sysfs /sys')\n" + script
+        prefix.append("--mount")
     result = subprocess.run(
-        ["unshare", "--net", sys.executable, "-c", script],
+        [*prefix, sys.executable, "-c", script],
         capture_output=True,
         text=True,
         check=False,

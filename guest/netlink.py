@@ -26,9 +26,12 @@ IFLA_ADDRESS = 1
 IFLA_MTU = 4
 IFA_ADDRESS = 1
 IFA_LOCAL = 2
+IFA_BROADCAST = 4
+IFA_F_NODAD = 0x2
 RTA_DST = 1
 RTA_OIF = 4
 RTA_GATEWAY = 5
+RTA_PRIORITY = 6
 RT_TABLE_MAIN = 254
 RTPROT_BOOT = 3
 RT_SCOPE_UNIVERSE = 0
@@ -92,17 +95,34 @@ class Netlink:
         self._request(RTM_NEWLINK, 0, body)
 
     def add_address(self, index: int, cidr: str) -> None:
-        """An address with its prefix (the kernel adds the subnet's route)."""
+        """An address with its prefix (the kernel adds the subnet's route), as dockerd gives a
+        container's veth one: IPv4 with the subnet's broadcast address, IPv6 without duplicate
+        address detection (the address is usable at once, not "tentative" for a second)."""
         iface = ipaddress.ip_interface(cidr)
-        family = socket.AF_INET if iface.version == 4 else socket.AF_INET6
+        family, flags = (
+            (socket.AF_INET, 0) if iface.version == 4 else (socket.AF_INET6, IFA_F_NODAD)
+        )
+        prefixlen = iface.network.prefixlen
         packed = iface.ip.packed
-        body = _IFADDR.pack(family, iface.network.prefixlen, 0, RT_SCOPE_UNIVERSE, index)
+        body = _IFADDR.pack(family, prefixlen, flags, RT_SCOPE_UNIVERSE, index)
         body += _attr(IFA_LOCAL, packed) + _attr(IFA_ADDRESS, packed)
+        if iface.version == 4 and prefixlen <= 30:  # a /31 or /32 has no broadcast address
+            body += _attr(IFA_BROADCAST, iface.network.broadcast_address.packed)
         self._request(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, body)
 
-    def add_route(self, dst: str, gateway: str | None, index: int | None) -> None:
-        """A route to ``dst`` ("default" or a CIDR), via ``gateway`` and/or out of ``index``."""
-        network = ipaddress.ip_network("0.0.0.0/0" if dst == "default" else dst, strict=False)
+    def add_route(
+        self,
+        dst: str,
+        gateway: str | None,
+        index: int | None,
+        *,
+        version: int = 4,
+        metric: int | None = None,
+    ) -> None:
+        """A route to ``dst`` ("default" or a CIDR) of IP ``version``, via ``gateway`` and/or out
+        of ``index``, with the given ``metric`` (else the kernel's default for the family)."""
+        default = "0.0.0.0/0" if version == 4 else "::/0"
+        network = ipaddress.ip_network(default if dst == "default" else dst, strict=False)
         if gateway and ipaddress.ip_address(gateway).version != network.version:
             raise OSError(22, f"gateway {gateway} is not of the family of {dst}")
         family = socket.AF_INET if network.version == 4 else socket.AF_INET6
@@ -116,4 +136,6 @@ class Netlink:
             body += _attr(RTA_GATEWAY, ipaddress.ip_address(gateway).packed)
         if index is not None:
             body += _attr(RTA_OIF, struct.pack("=i", index))
+        if metric is not None:
+            body += _attr(RTA_PRIORITY, struct.pack("=I", metric))
         self._request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body)

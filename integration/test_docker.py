@@ -339,7 +339,9 @@ def test_user_network_peers(docker: Docker) -> None:
 
 
 def test_ipv6_network_gets_a_link_local_address_from_the_containers_mac(docker: Docker) -> None:
-    """Not the template's: every clone starts with its template's MAC (and IPv6 off)."""
+    """Not the template's: every clone starts with its template's MAC (and IPv6 off). And the
+    address dockerd gave the veth, usable at once (no DAD, as dockerd adds it), with the
+    default route: the bridge answers a ping over IPv6."""
     docker.ok("network", "create", "--ipv6", "--subnet", "fd00:b0::/64", "bnet6")
     try:
         shown = docker.run(
@@ -348,14 +350,20 @@ def test_ipv6_network_gets_a_link_local_address_from_the_containers_mac(docker: 
             IMAGE,
             "sh",
             "-c",
-            "cat /sys/class/net/eth0/address /proc/net/if_inet6",
+            "cat /sys/class/net/eth0/address /proc/net/if_inet6;"
+            " ping -6 -c 1 -W 30 fd00:b0::1 >/dev/null && echo pinged",
         )
         assert shown.returncode == 0, shown
-        mac, *rows = shown.stdout.decode().splitlines()
+        mac, *rows, pinged = shown.stdout.decode().splitlines()
         octets = bytes.fromhex(mac.replace(":", ""))
         eui64 = bytes([octets[0] ^ 2, *octets[1:3], 0xFF, 0xFE, *octets[3:]])
         link_local = "fe80000000000000" + eui64.hex()
-        assert link_local in [row.split()[0] for row in rows if row.split()[-1] == "eth0"], rows
+        eth0 = {row.split()[0]: row.split() for row in rows if row.split()[-1] == "eth0"}
+        assert link_local in eth0, rows
+        # fd00:b0::/64's address, flags IFA_F_NODAD|IFA_F_PERMANENT and not tentative.
+        (address,) = [row for key, row in eth0.items() if key.startswith("fd0000b0")]
+        assert int(address[4], 16) == 0x82, rows
+        assert pinged == "pinged"
     finally:
         docker("network", "rm", "bnet6")
 

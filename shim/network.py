@@ -42,7 +42,8 @@ def _ip(*args: str) -> Any:
 
 
 def discover() -> tuple[list[Interface], list[dict[str, Any]]]:
-    """The namespace's interfaces (not lo) with their IPv4 addresses, and its routes."""
+    """The namespace's interfaces (not lo) with their addresses (IPv4, and IPv6 but link-local),
+    and its routes (IPv4, and IPv6 where it is on)."""
     interfaces = []
     for link in _ip("-j", "-d", "addr", "show"):
         # Only what container networking hands a namespace: a physical NIC, an ifb or our own
@@ -50,10 +51,11 @@ def discover() -> tuple[list[Interface], list[dict[str, Any]]]:
         kind = (link.get("linkinfo") or {}).get("info_kind")
         if link.get("link_type") != "ether" or kind not in CONTAINER_LINK_KINDS:
             continue
+        # Link-local (IPv6 "link" scope) addresses are the guest kernel's to make from the MAC.
         addresses = [
             f"{a['local']}/{a['prefixlen']}"
             for a in link.get("addr_info", [])
-            if a.get("family") == "inet"
+            if a.get("family") in ("inet", "inet6") and a.get("scope") == "global"
         ]
         interfaces.append(
             Interface(
@@ -66,13 +68,23 @@ def discover() -> tuple[list[Interface], list[dict[str, Any]]]:
         )
     routes = []
     by_name = {i.name: i for i in interfaces}
-    for route in _ip("-j", "-4", "route", "show"):
-        iface = by_name.get(route.get("dev", ""))
-        if iface is None or route.get("protocol") == "kernel":
-            continue  # routes of the interfaces' own subnets come with their addresses
-        routes.append(
-            {"dst": route.get("dst", "default"), "gateway": route.get("gateway"), "mac": iface.mac}
-        )
+    # IPv6 routes only where IPv6 is on (dockerd's IPv4 networks turn it off): one `ip` less.
+    for version in (4, 6) if any(i.ipv6 for i in interfaces) else (4,):
+        for route in _ip("-j", f"-{version}", "route", "show") or []:
+            iface = by_name.get(route.get("dev", ""))
+            if iface is None or route.get("protocol") == "kernel":
+                continue  # routes of the interfaces' own subnets come with their addresses
+            if route.get("type", "unicast") != "unicast":
+                continue  # multicast, blackhole…: not routes dockerd gives a container
+            entry = {
+                "dst": route.get("dst", "default"),
+                "gateway": route.get("gateway"),
+                "mac": iface.mac,
+                "version": version,
+            }
+            if "metric" in route:
+                entry["metric"] = int(route["metric"])
+            routes.append(entry)
     return interfaces, routes
 
 
@@ -190,8 +202,8 @@ def guest_config(
     routes: list[dict[str, Any]],
     ipv6: dict[str, bool] | None = None,
 ) -> dict[str, Any]:
-    """The guest's side of the network: each NIC as its interface (MAC, MTU, IPv4 addresses,
-    IPv6 on or off), the routes, and IPv6 on or off for ``all``, ``default`` and ``lo``:
+    """The guest's side of the network: each NIC as its interface (MAC, MTU, addresses, IPv6 on
+    or off), the routes, and IPv6 on or off for ``all``, ``default`` and ``lo``:
     the namespace as runc's container would have it (see :data:`IPV6_SETTINGS`)."""
     return {
         "interfaces": [

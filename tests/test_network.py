@@ -23,6 +23,10 @@ sh("ip link add eth0 mtu 1400 type veth peer name peer0; ip addr add 172.30.5.9/
    " ip link set eth0 up; ip route add default via 172.30.5.1")
 # As dockerd leaves a namespace whose network has no IPv6 (on eth0, not on peer0).
 sh("echo 1 > /proc/sys/net/ipv6/conf/eth0/disable_ipv6")
+# And a network with IPv6 on peer0: an address (dockerd's, without DAD), its link-local one
+# (the guest kernel makes its own), a default route.
+sh("ip addr add fd00:b0::9/64 dev peer0 nodad; ip link set peer0 up;"
+   " ip -6 route add default via fd00:b0::1 dev peer0")
 interfaces, routes = network.discover()
 guest = network.guest_config(
     interfaces, routes, {n: network.ipv6_enabled(n) for n in network.IPV6_SETTINGS})
@@ -53,6 +57,13 @@ def test_taps_are_made_mirrored_and_removed_in_a_private_netns() -> None:
     assert set(by_name) == {"eth0", "peer0"}
     mtu, tap, addresses = by_name["eth0"]
     assert (mtu, addresses) == (1400, ["172.30.5.9/24"])
+    assert by_name["peer0"][2] == ["fd00:b0::9/64"]
+    macs = {i["mac"]: i["ipv6"] for i in data["guest"]["interfaces"]}
+    eth0_mac, peer0_mac = sorted(macs, key=macs.__getitem__)  # eth0 has IPv6 off
+    assert sorted(data["routes"], key=lambda route: route["version"]) == [
+        {"dst": "default", "gateway": "172.30.5.1", "mac": eth0_mac, "version": 4},
+        {"dst": "default", "gateway": "fd00:b0::1", "mac": peer0_mac, "version": 6, "metric": 1024},
+    ]
     assert data["tap"]["mtu"] == 1400 and "UP" in data["tap"]["flags"]
     assert "mirred" in data["filters"]["eth0"] and tap in data["filters"]["eth0"]
     assert "mirred" in data["filters"][tap] and "eth0" in data["filters"][tap]

@@ -15,7 +15,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
 from bonneville.backends.base import VMConfig
-from bonneville.backends.qemu.cmdline import DEFAULT_TB_SIZE_MIB
+from bonneville.backends.qemu.cmdline import BOOT_TB_SIZE_MIB
 from bonneville.guest.protocol import PORT_NAME, ROOT_TAG
 
 # Where our facts about a domain live in its <metadata> (operators see them in `virsh dumpxml`).
@@ -34,11 +34,8 @@ class DomainOptions:
     accel: str = "tcg"  # "tcg" → <domain type='qemu'>, "kvm" → <domain type='kvm'>
     emulator: str = "/usr/bin/qemu-system-x86_64"
     machine: str = "q35"
-    # 64 MiB, not the QEMU backend's BOOT_TB_SIZE_MIB: with 128 the faster boot let the container
-    # start before eth0 had its carrier (no IPv6 link-local yet) in 2 of 3 runs of
-    # test_ipv6_network_gets_a_link_local_address_from_the_containers_mac; the agent does not
-    # wait for carrier yet.
-    tb_size_mib: int | None = DEFAULT_TB_SIZE_MIB
+    # Every libvirt VM boots (no clones): the cache a boot needs (see cmdline.BOOT_TB_SIZE_MIB).
+    tb_size_mib: int | None = BOOT_TB_SIZE_MIB
     rng: bool = True
     vmgenid: bool = True
     # libvirtd's QEMU runs as root with no relabelling (a static DAC label): it must read the
@@ -96,7 +93,7 @@ def build_xml(config: VMConfig, options: DomainOptions) -> str:
     # The agent powers the VM off through ACPI when the container ends.
     _sub(features, "acpi")
     if options.accel == "tcg" and options.tb_size_mib is not None:
-        # Bounds the translation cache (see cmdline.DEFAULT_TB_SIZE_MIB).
+        # Bounds the translation cache (see cmdline.DEFAULT_TB_SIZE_MIB and BOOT_TB_SIZE_MIB).
         tcg = _sub(features, "tcg")
         _sub(tcg, "tb-cache", str(options.tb_size_mib), unit="MiB")
     if options.accel == "kvm":

@@ -22,9 +22,9 @@ from bonneville.guest.protocol import PORT_NAME, ROOT_TAG
 # slower (constant retranslation). A boot translates the kernel's init code and the agent's
 # Python start besides, ~70 MiB with the Debian kernel: at 64 MiB the cache overflowed and was
 # flushed near the end of every boot (measured: a guest Python that imports the agent and exits
-# done at 3.48 s against 3.11 s with 96 MiB or more, medians of 4 interleaved boots; the NIC's
-# carrier race this exposed is why libvirt keeps 64, see xml.py). Boots (cold, and a template's,
-# whose cache clones do not inherit) get at least BOOT_TB_SIZE_MIB.
+# done at 3.48 s against 3.11 s with 96 MiB or more, medians of 4 interleaved boots). Boots
+# (cold, a template's, whose cache clones do not inherit, and every libvirt VM's) get at least
+# BOOT_TB_SIZE_MIB.
 DEFAULT_TB_SIZE_MIB = 64
 BOOT_TB_SIZE_MIB = 128
 
