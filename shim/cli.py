@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import logging
 import os
 import sys
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
@@ -107,23 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
-        _fail("aborted")
+        shimlog.fail("aborted")
     except click.ClickException as exc:
-        _fail(exc.format_message())
-    except BonnevilleError as exc:
-        _fail(str(exc))
-    except KeyboardInterrupt:
-        _fail("interrupted")
-    except OSError as exc:
-        _fail(f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}")
+        shimlog.fail(exc.format_message())
+    except (BonnevilleError, KeyboardInterrupt, OSError) as exc:
+        shimlog.fail(shimlog.error_text(exc) or repr(exc))
     sys.exit(result if isinstance(result, int) else 0)
-
-
-def _fail(message: str) -> NoReturn:
-    line = " ".join(message.split())
-    logger = logging.getLogger("bonneville")
-    if logger.handlers:  # else click failed before the global options set it up: stderr only
-        logger.error("%s", line)
-    with contextlib.suppress(OSError, ValueError):
-        print(f"bonneville: {line}", file=sys.stderr)
-    sys.exit(1)

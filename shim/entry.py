@@ -1,7 +1,8 @@
 """The `bonneville` command (the launcher install.sh writes, and the package's script, call
 :func:`main`): the CLI of shim/cli.py, with a container's monitor forked before the CLI imports
-anything when the command will create one (shim/launch.py says why), and containerd's
-`delete --force` of a container that is gone answered before it does (:func:`deleted_already`).
+anything when the command will create one (shim/launch.py says why), containerd's
+`delete --force` of a container that is gone answered before it does (:func:`deleted_already`),
+and the plain `start`, `state` and `delete` callers make run without click (:func:`plain_call`).
 """
 
 from __future__ import annotations
@@ -21,14 +22,23 @@ CREATING_COMMANDS = frozenset({"create", "run"})
 VALUE_OPTIONS = frozenset(
     {"--root", "--log", "--log-format", "--rootless", "--criu", "--backend", "--libvirt-uri"}
 )
-# The one global flag containerd's `delete --force` may come with (deleted_already).
-_DELETE_FLAGS = frozenset({"--systemd-cgroup"})
+# The global flags (taking no value) a plain call may have (plain_call).
+_PLAIN_FLAGS = frozenset({"--systemd-cgroup", "--debug"})
+LOG_FORMATS = ("text", "json")
 
 
 def main() -> NoReturn:
     argv = sys.argv[1:]
-    if deleted_already(argv):
-        leave(0)
+    plain = plain_call(argv)
+    if plain is not None:
+        if deleted_already(plain):
+            leave(0)
+        try:
+            run_plain(plain)
+            status = 0
+        except SystemExit as exc:
+            status = exit_status(exc.code)
+        leave(status)
     from bonneville.shim import launch
 
     command, backend = command_of(argv)
@@ -44,6 +54,88 @@ def main() -> NoReturn:
     finally:
         launch.discard()
     leave(status)
+
+
+class PlainCall:
+    """A `start ID`, `state ID` or `delete [--force] ID` with its global options."""
+
+    def __init__(
+        self, options: dict[str, str], debug: bool, command: str, container_id: str, force: bool
+    ) -> None:
+        self.options = options
+        self.debug = debug
+        self.command = command
+        self.container_id = container_id
+        self.force = force
+
+
+def plain_call(argv: Sequence[str]) -> PlainCall | None:
+    """``argv`` as a :class:`PlainCall` if it has the plain shape callers use: global options
+    from VALUE_OPTIONS (either spelling, a value not starting with "-") and _PLAIN_FLAGS, then
+    `start ID`, `state ID` or `delete ID` with `--force`/`-f` anywhere after `delete`.
+
+    These run without click (run_plain): its import and parsing are ~20 ms of each such CLI
+    call, and docker makes a `start` and a `delete` per `docker run`. Anything else (`--help`,
+    an unknown flag, a missing value, a bad --log-format) is the CLI's, whose answer for any
+    argument list run_plain takes must equal run_plain's (tests/test_launch.py compares them).
+    """
+    options: dict[str, str] = {}
+    debug = False
+    rest = iter(argv)
+    command = None
+    for arg in rest:
+        name, eq, value = arg.partition("=")
+        if name in VALUE_OPTIONS:
+            value = value if eq else next(rest, "-")
+            if value.startswith("-"):
+                return None
+            options[name] = value
+        elif arg in _PLAIN_FLAGS:
+            debug = debug or arg == "--debug"
+        elif arg in ("start", "state", "delete"):
+            command = arg
+            break
+        else:
+            return None
+    if command is None:
+        return None
+    args = list(rest)
+    force = command == "delete" and any(a in ("--force", "-f") for a in args)
+    names = [a for a in args if not (force and a in ("--force", "-f"))]
+    if len(names) != 1 or names[0].startswith("-"):
+        return None
+    if options.get("--log-format", "text") not in LOG_FORMATS or not options.get("--root", "/"):
+        return None
+    return PlainCall(options, debug, command, names[0], force)
+
+
+def run_plain(call: PlainCall) -> None:
+    """What shim/cli.py does for a plain call: its global options, then the command."""
+    import json
+
+    from bonneville.shim import ids, lifecycle
+    from bonneville.shim import log as shimlog
+    from bonneville.shim.state import Store
+
+    options = call.options
+    shimlog.setup(options.get("--log"), options.get("--log-format", "text"), call.debug)
+    if options.get("--libvirt-uri"):
+        os.environ["BONNEVILLE_LIBVIRT_URI"] = options["--libvirt-uri"]
+    backend = options.get("--backend", os.environ.get("BONNEVILLE_BACKEND") or None)
+    ctx = lifecycle.Context(store=Store(options.get("--root", ids.DEFAULT_ROOT)), backend=backend)
+    try:
+        if call.command == "start":
+            lifecycle.start(ctx, call.container_id)
+        elif call.command == "delete":
+            lifecycle.delete(ctx, call.container_id, call.force)
+        else:
+            state = lifecycle.container_state(ctx, call.container_id)
+            print(json.dumps(state, indent=2))
+    except (Exception, KeyboardInterrupt) as exc:
+        text = shimlog.error_text(exc)
+        if text is None:
+            raise
+        shimlog.fail(text)
 
 
 def exit_status(code: object) -> int:
@@ -91,46 +183,29 @@ def command_of(argv: Sequence[str]) -> tuple[str | None, str | None]:
     return None, backend
 
 
-def deleted_already(argv: list[str]) -> bool:
-    """Whether ``argv`` is `delete --force ID` of a container that does not exist, which
+def deleted_already(call: PlainCall) -> bool:
+    """Whether ``call`` is `delete --force ID` of a container that does not exist, which
     succeeds (runc's rule) with nothing to do: containerd's shim makes that call after every
-    container's delete, and answering it here spares it the CLI's imports (~45 ms of ~55).
+    container's delete, and answering it here spares it even run_plain's imports.
 
-    Only the plain shape qualifies (global options from VALUE_OPTIONS in either spelling and
-    _DELETE_FLAGS, `delete`, `--force` or `-f`, one valid ID): anything else, and any doubt, is
-    the CLI's, whose answer this must equal (tests/test_launch.py compares the two).
+    Without --debug only, and with a valid ID: anything else, and any doubt, is run_plain's,
+    whose answer this must equal (tests/test_launch.py compares both with the CLI's).
     """
     from bonneville.shim import ids
     from bonneville.spec.errors import BonnevilleError
 
-    options: dict[str, str] = {}
-    rest = iter(argv)
-    for arg in rest:
-        name, eq, value = arg.partition("=")
-        if name in VALUE_OPTIONS:
-            options[name] = value if eq else next(rest, "")
-        elif arg in _DELETE_FLAGS:
-            continue
-        elif arg == "delete":
-            break
-        else:
-            return False
-    args = list(rest)
-    forced = [a for a in args if a in ("--force", "-f")]
-    names = [a for a in args if not a.startswith("-")]
-    if len(forced) != 1 or len(names) != 1 or len(args) != 2:
-        return False
-    if options.get("--log-format", "text") not in ("text", "json"):
+    if call.command != "delete" or not call.force or call.debug:
         return False
     try:
-        ids.validate_id(names[0])
+        ids.validate_id(call.container_id)
     except BonnevilleError:
         return False
+    options = call.options
     root = options.get("--root", ids.DEFAULT_ROOT)
     if not root:
         return False
     try:
-        os.lstat(os.path.join(root, names[0]))
+        os.lstat(os.path.join(root, call.container_id))
         return False  # it exists (or something by its name does)
     except FileNotFoundError:
         pass

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -178,8 +179,9 @@ def test_the_launchers_delete_shortcut_answers_as_the_cli(
     tmp_path: Path, options: list[str], command: list[str], shortcut: bool
 ) -> None:
     """containerd's `delete --force ID` after every delete is answered by the launcher when
-    the container is gone (entry.deleted_already): its exit status, output, log file and
-    --root must be the CLI's own, for that shape and for the shapes it leaves to the CLI."""
+    the container is gone (entry.deleted_already of entry.plain_call): its exit status,
+    output, log file and --root must be the CLI's own, for that shape and for the shapes it
+    leaves to the CLI."""
     outcomes = []
     for name, program in (("launcher", ["bonneville"]), ("cli", [sys.executable, "-c", CLI])):
         root = tmp_path / name / "root"
@@ -187,7 +189,8 @@ def test_the_launchers_delete_shortcut_answers_as_the_cli(
         log = tmp_path / name / "log.json"
         argv = [a.format(root=root, log=log) for a in options + command]
         if name == "launcher":
-            assert entry.deleted_already(argv) is shortcut
+            call = entry.plain_call(argv)
+            assert (call is not None and entry.deleted_already(call)) is shortcut
         result = subprocess.run(program + argv, capture_output=True, text=True)
         outcomes.append(
             (
@@ -202,3 +205,120 @@ def test_the_launchers_delete_shortcut_answers_as_the_cli(
 
 
 CLI = "import sys; from bonneville.shim.cli import main; sys.argv[0] = 'bonneville'; main()"
+
+
+@pytest.mark.parametrize(
+    ("argv", "plain"),
+    [
+        (["start", "c1"], ("start", "c1", False, {}, False)),
+        (
+            ["--root", "/r", "--log=/l", "--log-format", "json", "state", "c1"],
+            ("state", "c1", False, {"--root": "/r", "--log": "/l", "--log-format": "json"}, False),
+        ),
+        (["--systemd-cgroup", "--debug", "delete", "c1", "-f"], ("delete", "c1", True, {}, True)),
+        (["delete", "--force", "--force", "c1"], ("delete", "c1", True, {}, False)),
+        (
+            ["--backend", "fake", "--libvirt-uri=qemu:///embed", "delete", "c1"],
+            ("delete", "c1", False, {"--backend": "fake", "--libvirt-uri": "qemu:///embed"}, False),
+        ),
+        (["state", "--force"], None),  # the id would be a flag
+        (["start", "-f", "c1"], None),  # --force is delete's
+        (["start", "c1", "c2"], None),
+        (["start"], None),
+        (["state", "--help"], None),
+        (["--help", "state", "c1"], None),
+        (["--root", "--debug", "state", "c1"], None),  # click would take --debug as the root
+        (["--root", "", "state", "c1"], None),
+        (["--root"], None),
+        (["--log-format", "yaml", "state", "c1"], None),
+        (["--debug=1", "state", "c1"], None),
+        (["kill", "c1"], None),
+        (["delete", "--force=true", "c1"], None),
+    ],
+)
+def test_the_plain_calls_are_recognised(argv: list[str], plain: tuple[object, ...] | None) -> None:
+    call = entry.plain_call(argv)
+    if plain is None:
+        assert call is None
+    else:
+        assert call is not None
+        assert (call.command, call.container_id, call.force, call.options, call.debug) == plain
+
+
+def test_the_plain_calls_answer_as_the_cli(tmp_path: Path) -> None:
+    """start, state and delete without click (entry.run_plain) answer exactly as the CLI does,
+    along a container's life and its errors: exit status, stdout, stderr, the --log file."""
+    bundle = write_bundle(tmp_path / "bundle", default_config(["sleep", "30"]))
+    steps: list[list[str]] = [
+        ["state", "c1"],  # does not exist
+        ["start", "c1"],
+        ["delete", "c1"],
+        ["state", "bad/id"],
+        ["create", "--bundle", str(bundle), "c1"],  # the CLI's in both
+        ["state", "c1"],
+        ["start", "c1"],
+        ["start", "c1"],  # running already
+        ["delete", "c1"],  # running: refused
+        ["state", "c1"],
+        ["delete", "-f", "c1"],
+        ["state", "c1"],
+    ]
+    outcomes = []
+    for name, program in (("launcher", ["bonneville"]), ("cli", [sys.executable, "-c", CLI])):
+        root = tmp_path / name / "root"
+        log = tmp_path / name / "log.json"
+        log.parent.mkdir()
+        options = ["--root", str(root), "--backend", "fake", "--log", str(log), "--log-format"]
+        options.append("json")
+        seen = []
+        try:
+            for step in steps:
+                if name == "launcher" and step[0] != "create":
+                    assert entry.plain_call([*options, *step]) is not None, step
+                # Files, not pipes: create's monitor keeps its stdio open.
+                with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+                    result = subprocess.run(
+                        [*program, *options, *step],
+                        stdin=subprocess.DEVNULL,
+                        stdout=out,
+                        stderr=err,
+                    )
+                    out.seek(0)
+                    err.seek(0)
+                    stdout, stderr = out.read().decode(), err.read().decode()
+                if step[0] == "state" and result.returncode == 0:
+                    state = json.loads(stdout)
+                    assert state["pid"] > 0 and state["created"]
+                    stdout = json.dumps({**state, "pid": 0, "created": ""}, indent=2)
+                seen.append((step, result.returncode, stdout, stderr.replace(str(root), "R")))
+            entries = [json.loads(line) for line in log.read_text().splitlines()]
+            seen.append([(e["level"], e["msg"]) for e in entries])
+        finally:
+            subprocess.run([*program, *options, "delete", "--force", "c1"], capture_output=True)
+        outcomes.append(seen)
+        assert leftover_processes(str(root)) == []
+    assert outcomes[0] == outcomes[1]
+    statuses = [returncode for _, returncode, _, _ in outcomes[0][:-1]]
+    assert statuses == [1, 1, 1, 1, 0, 0, 0, 1, 1, 0, 0, 1]
+
+
+def test_the_plain_calls_import_no_click(tmp_path: Path) -> None:
+    """run_plain exists to spare start, state and delete click's import (~20 ms a call)."""
+    probe = """
+import contextlib, io, json, sys
+from bonneville.shim import entry
+for command in ("state", "start", "delete"):
+    call = entry.plain_call(["--root", sys.argv[1], command, "gone"])
+    with contextlib.suppress(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+        entry.run_plain(call)
+print(json.dumps(sorted(sys.modules)))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", probe, str(tmp_path)],
+        capture_output=True,
+        check=True,
+        env={"PATH": "/usr/bin:/bin"},
+    ).stdout
+    modules = set(json.loads(out))
+    assert "bonneville.shim.lifecycle" in modules
+    assert "click" not in modules and "bonneville.shim.cli" not in modules
