@@ -1,8 +1,8 @@
 #!/bin/sh
 # Installs everything Bonneville needs on Debian 12 (run as root): system packages (docker.io,
-# containerd and libvirtd too, for the integration tests; no daemon is started), a venv in
-# /opt/bonneville/venv with this checkout installed (editable), `bonneville` on PATH, and the
-# guest image built under /var/lib/bonneville.
+# containerd and libvirtd too, for the integration tests, and crun and runsc for the benchmarks;
+# no daemon is started), a venv in /opt/bonneville/venv with this checkout installed (editable),
+# `bonneville` on PATH, and the guest image built under /var/lib/bonneville.
 set -eu
 cd "$(dirname "$0")"
 if [ "$(id -u)" != 0 ]; then
@@ -14,7 +14,7 @@ PACKAGES="python3 python3-venv python3-dev gcc
     golang-go golang-github-vmware-govmomi-dev xorriso isolinux syslinux-common
     qemu-system-x86 qemu-utils linux-image-amd64 busybox-static
     kmod cpio xz-utils iproute2 procps ca-certificates tar
-    docker.io containerd runc iptables
+    docker.io containerd runc iptables crun runsc
     golang-go git util-linux
     libvirt-daemon-system libvirt-dev pkg-config"
 # Only what is missing: a machine that has everything installs nothing (and needs no network).

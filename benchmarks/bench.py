@@ -116,12 +116,29 @@ def cold_wrapper() -> Iterator[str]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def docker_runtimes(cold: str) -> dict[str, str]:
-    runtimes = {"bonneville": shutil.which("bonneville") or "", "bonneville-cold": cold}
+def docker_runtimes(cold: str) -> dict[str, dict[str, object]]:
+    """daemon.json's runtimes: both bonneville modes, and crun and runsc where installed."""
+    runtimes: dict[str, dict[str, object]] = {
+        "bonneville": {"path": shutil.which("bonneville") or ""},
+        "bonneville-cold": {"path": cold},
+    }
     for name in ("crun", "runsc"):
-        if shutil.which(name):
-            runtimes[name] = shutil.which(name) or ""
+        path = shutil.which(name)
+        if path:
+            runtimes[name] = {"path": path}
+    if "runsc" in runtimes and netns_looks_like_root():
+        runtimes["runsc"]["runtimeArgs"] = ["--network=host"]
     return runtimes
+
+
+def netns_looks_like_root() -> bool:
+    """Whether a new network namespace has /proc/sys/net/core/rmem_default, as on kernels since
+    6.x. Debian 12's runsc (2022) takes that file for the mark of the host's namespace and then
+    refuses its own network stack in every container ("cannot run with network enabled in root
+    network namespace"); with `--network=host` it runs, still in the container's namespace that
+    dockerd made, on the kernel's network stack instead of gVisor's netstack."""
+    probe = ["unshare", "--net", "test", "-e", "/proc/sys/net/core/rmem_default"]
+    return subprocess.run(probe, capture_output=True, check=False).returncode == 0
 
 
 # ---- sections --------------------------------------------------------------------------------
@@ -194,6 +211,9 @@ def bench_cli(work: Path, runs: int) -> str:
     }
     if shutil.which("crun"):
         variants["crun"] = (["crun"], {})
+    if shutil.which("runsc"):
+        network = ["--network=host"] if netns_looks_like_root() else []
+        variants["runsc"] = (["runsc", *network], {})
     results: dict[str, float | str] = {}
     for name, (binary, env) in variants.items():
         root = str(work / f"cli-root-{len(results)}")
@@ -373,10 +393,11 @@ def main() -> None:
         make_busybox_rootfs(work / "cli-bundle" / "rootfs")
         if only & {"docker", "concurrent"}:
             with cold_wrapper() as cold:
-                paths = docker_runtimes(cold)
-                runtimes: dict[str, dict[str, object]] = {n: {"path": p} for n, p in paths.items()}
+                runtimes = docker_runtimes(cold)
                 with private_dockerd(runtimes, IMAGE) as docker:
-                    names = ["runc", *paths]
+                    names = ["runc", *runtimes]
+                    if "--network=host" in runtimes.get("runsc", {}).get("runtimeArgs", []):
+                        print("runsc runs with `--network=host` (netns_looks_like_root)\n")
                     if "docker" in only:
                         print(bench_docker(docker, names, args.runs) + "\n", flush=True)
                     if "concurrent" in only:
