@@ -63,7 +63,10 @@ def attempt(action: Callable[[], float]) -> float | str:
     except (subprocess.CalledProcessError, AssertionError, Failed, RuntimeError) as exc:
         stderr = getattr(exc, "stderr", None)
         text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else str(exc)
-        text = " ".join(text.split()).replace("docker: Error response from daemon: ", "")
+        text = " ".join(text.replace("\\n", "\n").split())
+        text = text.replace("docker: Error response from daemon: ", "")
+        # dockerd wraps the runtime's own words: "… OCI runtime create failed: <them>: unknown".
+        text = text.rpartition("OCI runtime create failed: ")[2].partition(": unknown")[0] or text
         return "fails here: " + (text if len(text) <= 160 else "…" + text[-160:])
 
 
