@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -109,3 +110,37 @@ def libvirtd() -> Iterator[Libvirtd]:
             daemon.stop()
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def container_netns() -> Iterator[str]:
+    """A network namespace as dockerd's bridge driver leaves one: a veth with an address and a
+    default route (the host end stays outside, as dockerd's does)."""
+    name = f"bvtest-{os.getpid()}"
+    outside, inside = f"bvto{os.getpid() % 10000}", f"bvti{os.getpid() % 10000}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(
+            ["ip", "link", "add", outside, "type", "veth", "peer", "name", inside], check=True
+        )
+        subprocess.run(["ip", "link", "set", inside, "netns", name], check=True)
+        for args in (
+            ["addr", "add", "172.31.250.2/24", "dev", inside],
+            ["link", "set", inside, "up"],
+            ["route", "add", "default", "via", "172.31.250.1"],
+        ):
+            subprocess.run(["ip", "-n", name, *args], check=True)
+        yield f"/run/netns/{name}"
+    finally:
+        subprocess.run(["ip", "link", "del", outside], check=False, capture_output=True)
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def in_netns(config: dict[str, object], netns: str) -> dict[str, object]:
+    """``config`` with its network namespace joined at path ``netns`` (as dockerd's)."""
+    linux = config["linux"]
+    assert isinstance(linux, dict)
+    for namespace in linux["namespaces"]:
+        if namespace["type"] == "network":
+            namespace["path"] = netns
+    return config

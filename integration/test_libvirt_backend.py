@@ -32,7 +32,7 @@ from conftest import (
     write_bundle,
 )
 from integration.backends import URIS
-from integration.conftest import Libvirtd
+from integration.conftest import Libvirtd, in_netns
 from tests.test_lifecycle import make_bundle, wait_for, wait_status
 
 pytestmark = pytest.mark.vm
@@ -65,16 +65,6 @@ def backend_state(rt: Runtime, cid: str) -> dict[str, object]:
     blob = data["backend_state"]
     assert isinstance(blob, dict)
     return blob
-
-
-def in_netns(config: dict[str, object], netns: str) -> dict[str, object]:
-    """``config`` with its network namespace joined at path ``netns`` (as dockerd's)."""
-    linux = config["linux"]
-    assert isinstance(linux, dict)
-    for namespace in linux["namespaces"]:
-        if namespace["type"] == "network":
-            namespace["path"] = netns
-    return config
 
 
 def start_sleeper(
@@ -144,6 +134,37 @@ def test_a_domain_destroyed_behind_our_back_stops_the_container(
     assert not (runtime.root / "c1").exists()
 
 
+def test_a_launch_that_probes_qemu_leaves_the_monitor_no_zombie(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no probed capabilities to seed from (a new host, a changed QEMU or libvirt), the
+    embedded driver probes QEMU: a daemonized QEMU that it stops and waits to see gone. That
+    QEMU must not become the monitor's (a subreaper's) child: unreaped, libvirt waited ~80 s
+    for it, and its zombies stayed the container's."""
+    monkeypatch.setenv("BONNEVILLE_LIBVIRT_URI", URIS["libvirt-embed"])
+    rt = Runtime(tmp_path / "state", "libvirt")
+    aside = tmp_path / "seed"
+    if os.path.isdir(uris.CAPS_SEED_DIR):
+        shutil.move(uris.CAPS_SEED_DIR, aside)
+    try:
+        blob = start_sleeper(rt, tmp_path)
+        assert os.listdir(uris.CAPS_SEED_DIR)  # what this launch probed seeds the next
+        monitor = int(rt.state("c1")["pid"])  # type: ignore[call-overload]
+        children = [
+            int(child)
+            for task in os.listdir(f"/proc/{monitor}/task")
+            for child in Path(f"/proc/{monitor}/task/{task}/children").read_text().split()
+        ]
+        assert children == [int(blob["pid"])]  # type: ignore[call-overload]
+        rt("delete", "--force", "c1", check=True)
+    finally:
+        rt.cleanup()
+        if aside.exists():
+            shutil.rmtree(uris.CAPS_SEED_DIR, ignore_errors=True)
+            shutil.move(aside, uris.CAPS_SEED_DIR)
+    assert leftover_processes(str(rt.root)) == []
+
+
 def test_delete_kills_the_vm_of_a_killed_monitor(runtime: Runtime, tmp_path: Path) -> None:
     """An embedded QEMU does not die with its monitor: delete must kill it, and only it."""
     blob = start_sleeper(runtime, tmp_path)
@@ -158,30 +179,6 @@ def test_delete_kills_the_vm_of_a_killed_monitor(runtime: Runtime, tmp_path: Pat
     result = runtime("exec", "c2", "echo", "still here")
     assert (result.returncode, result.stdout) == (0, b"still here\n")
     runtime("delete", "--force", "c2", check=True)
-
-
-@pytest.fixture
-def container_netns() -> Iterator[str]:
-    """A network namespace as dockerd's bridge driver leaves one: a veth with an address and a
-    default route (the host end stays outside, as dockerd's does)."""
-    name = f"bvtest-{os.getpid()}"
-    outside, inside = f"bvto{os.getpid() % 10000}", f"bvti{os.getpid() % 10000}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(
-            ["ip", "link", "add", outside, "type", "veth", "peer", "name", inside], check=True
-        )
-        subprocess.run(["ip", "link", "set", inside, "netns", name], check=True)
-        for args in (
-            ["addr", "add", "172.31.250.2/24", "dev", inside],
-            ["link", "set", inside, "up"],
-            ["route", "add", "default", "via", "172.31.250.1"],
-        ):
-            subprocess.run(["ip", "-n", name, *args], check=True)
-        yield f"/run/netns/{name}"
-    finally:
-        subprocess.run(["ip", "link", "del", outside], check=False, capture_output=True)
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def test_a_monitor_killed_during_create_leaves_nothing(

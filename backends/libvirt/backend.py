@@ -277,9 +277,6 @@ class LibvirtBackend(Backend):
                 root = str(private["root"])
                 cleanup.append(lambda: shutil.rmtree(root, ignore_errors=True))
                 uris.prepare_embed_root(root, EMBED_QEMU_CONF)
-                # libvirt double-forks QEMU; as a subreaper the monitor inherits it, so QEMU
-                # counts among the container's processes (`ps`) as under the QEMU backend.
-                _become_subreaper()
                 connect_uri = uris.embed_uri(root)
                 agent_socket = os.path.join(root, "agent.sock")
                 vm_config = config
@@ -306,6 +303,11 @@ class LibvirtBackend(Backend):
                 accel=detect_accel(),
                 dac_root=not target.embedded,
             )
+            if target.embedded:
+                _probe_capabilities(conn, options)
+                # libvirt double-forks QEMU; as a subreaper the monitor inherits it, so QEMU
+                # counts among the container's processes (`ps`) as under the QEMU backend.
+                _become_subreaper()
             xml = build_xml(vm_config, options)
             try:
                 dom = conn.createXML(xml, 0)
@@ -357,6 +359,20 @@ class LibvirtBackend(Backend):
             path = private.get(key)
             if path and uris.is_ours(str(path)):
                 shutil.rmtree(str(path), ignore_errors=True)
+
+
+def _probe_capabilities(conn: libvirt.virConnect, options: DomainOptions) -> None:
+    """Have the embedded driver probe QEMU now, if its cache (uris.CAPS_SEED_DIR) does not do.
+
+    The probe is a QEMU that libvirt daemonizes, then stops and waits to see gone. Probed
+    after the monitor became a subreaper, it would be the monitor's child, a zombie nobody
+    reaps while libvirt waits (libvirt gives up after ~15 s, create's caller often earlier).
+    """
+    virttype = "kvm" if options.accel == "kvm" else "qemu"
+    try:
+        conn.getDomainCapabilities(options.emulator, "x86_64", None, virttype, 0)
+    except Exception as exc:
+        raise BackendError(f"libvirt cannot use {options.emulator}: {_message(exc)}") from exc
 
 
 def _become_subreaper() -> None:
