@@ -305,6 +305,11 @@ def test_networking_bridge_ports_and_peers(docker: Docker) -> None:
         # From the host, through docker-proxy on the published port.
         reply = http_get("127.0.0.1", 18080)
         assert reply.endswith(b"hello-from-vm\n"), reply
+        # A VM cannot join another's network stack: refused in one line, the server untouched.
+        joined = docker.run("--network", f"container:{server}", IMAGE, "true")
+        assert joined.returncode != 0
+        assert b"containers cannot share a network namespace" in joined.stderr, joined
+        assert http_get("127.0.0.1", 18080).endswith(b"hello-from-vm\n")
     finally:
         docker("rm", "-f", server)
 

@@ -17,6 +17,7 @@ import pytest
 from bonneville.backends.qemu.backend import detect_accel
 from conftest import Runtime, default_config, write_bundle
 from integration.backends import BACKENDS, use_backend
+from integration.conftest import in_netns
 from tests.test_lifecycle import *  # noqa: F403 - the same cases, another backend
 from tests.test_lifecycle import make_bundle, wait_status
 
@@ -94,6 +95,62 @@ def test_host_network_namespace_is_refused(
     assert not (runtime.root / "h1").exists()
     after = subprocess.run(["tc", "qdisc", "show"], capture_output=True, check=True).stdout
     assert after == before
+
+
+def test_a_network_namespace_the_caller_keeps(
+    runtime: Runtime, tmp_path: Path, container_netns: str
+) -> None:
+    """CNI (and a pod) keep the namespace beyond the container: a create that fails there
+    leaves no NIC of ours in it, and a second container cannot take the first's network
+    (docker's `--network container:…`): refused in one line, the first one's NIC untouched."""
+
+    def links() -> list[str]:
+        shown = subprocess.run(
+            ["ip", "-n", os.path.basename(container_netns), "-br", "link"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return sorted(line.split()[0].partition("@")[0] for line in shown.splitlines())
+
+    def filters() -> str:
+        veth = next(name for name in bare if name != "lo")
+        netns = os.path.basename(container_netns)
+        shown = subprocess.run(
+            ["tc", "-n", netns, "filter", "show", "dev", veth, "ingress"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return shown.stdout
+
+    bare = links()
+    # Fails in the guest's setup, after the VM and its NIC exist: a sysctl it does not have.
+    config = in_netns(default_config(["true"]), container_netns)
+    assert isinstance(config["linux"], dict)
+    config["linux"]["sysctl"] = {"net.ipv4.no_such_setting": "1"}
+    failed = runtime("create", "-b", str(write_bundle(tmp_path / "bad", config)), "n0")
+    assert failed.returncode == 1 and b"no_such_setting" in failed.stderr, failed
+    assert links() == bare
+    first = write_bundle(
+        tmp_path / "first", in_netns(default_config(["sleep", "1000"]), container_netns)
+    )
+    runtime("create", "-b", str(first), "n1", check=True)
+    try:
+        runtime("start", "n1", check=True)
+        held, mirrored = links(), filters()
+        second = write_bundle(
+            tmp_path / "second", in_netns(default_config(["true"]), container_netns)
+        )
+        result = runtime("create", "-b", str(second), "n2")
+        assert result.returncode == 1
+        assert b"containers cannot share a network namespace" in result.stderr, result
+        assert result.stderr.count(b"\n") == 1
+        assert not (runtime.root / "n2").exists()
+        assert (links(), filters()) == (held, mirrored)
+        assert runtime.state("n1")["status"] == "running"
+    finally:
+        runtime("delete", "--force", "n1", check=True)
 
 
 def test_limits_update_and_events_inside_the_vm(runtime: Runtime, tmp_path: Path) -> None:

@@ -397,7 +397,7 @@ class Monitor:
         interfaces: list[network.Interface] = []
         routes: list[dict[str, Any]] = []
         if self.early_taps:
-            interfaces, routes = network.discover()
+            interfaces, routes = network.discover(own_taps=self.early_taps)
         if len(interfaces) != len(self.early_taps):
             log.info(
                 "the hooks left %d interfaces, not the %d guessed: launching again",
@@ -499,6 +499,8 @@ class Monitor:
             # create records no backend state when it fails, so no later delete will ask the
             # backend to release what lives beyond the VM (libvirtd's host links, roots).
             self._discard_vm()
+            # Our taps would outlive us in a namespace the caller keeps (CNI's, a pod's).
+            network.remove_taps([*self.early_taps, *(i.tap for i in self.interfaces if i.tap)])
             if self.sync is not None:
                 with contextlib.suppress(OSError):
                     _send_json(self.sync, {"phase": "error", "error": message})

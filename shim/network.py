@@ -9,6 +9,7 @@ the guest NIC the veth's MAC, addresses and routes.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 from dataclasses import dataclass, field
 
@@ -16,9 +17,13 @@ from bonneville.spec.errors import BonnevilleError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Collection
     from typing import Any
 
+log = logging.getLogger("bonneville")
+
 CONTAINER_LINK_KINDS = frozenset({"veth", "macvlan", "ipvlan", "macvtap"})
+TAP_PREFIX = "bvtap"
 _ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 
 
@@ -41,14 +46,32 @@ def _ip(*args: str) -> Any:
     return json.loads(result.stdout) if "-j" in args and result.stdout.strip() else None
 
 
-def discover() -> tuple[list[Interface], list[dict[str, Any]]]:
+def discover(own_taps: Collection[str] = ()) -> tuple[list[Interface], list[dict[str, Any]]]:
     """The namespace's interfaces (not lo) with their addresses (IPv4, and IPv6 but link-local),
-    and its routes (IPv4, and IPv6 where it is on)."""
+    and its routes (IPv4, and IPv6 where it is on).
+
+    A tap of ours other than ``own_taps`` means the namespace was a container VM's: one that
+    a VM holds open (its carrier is up) fails, as its interfaces are that container's (docker's
+    `--network container:…`; a VM cannot share another's network stack); one nobody holds,
+    left by a create that was killed, is deleted.
+    """
     interfaces = []
+    stale = []
     for link in _ip("-j", "-d", "addr", "show"):
+        kind = (link.get("linkinfo") or {}).get("info_kind")
+        name = link.get("ifname", "")
+        held = _held_by_a_vm(name, kind, "LOWER_UP" in link.get("flags", ()))
+        if held is not None and name not in own_taps:
+            if held:
+                raise BonnevilleError(
+                    f"the container's network namespace is another container VM's (its NIC"
+                    f" {name} is in use): containers cannot share a network namespace"
+                    " (docker --network container:…)"
+                )
+            stale.append(name)
+            continue
         # Only what container networking hands a namespace: a physical NIC, an ifb or our own
         # taps must never be taken over (were we ever in the host's namespace by mistake).
-        kind = (link.get("linkinfo") or {}).get("info_kind")
         if link.get("link_type") != "ether" or kind not in CONTAINER_LINK_KINDS:
             continue
         # Link-local (IPv6 "link" scope) addresses are the guest kernel's to make from the MAC.
@@ -66,6 +89,9 @@ def discover() -> tuple[list[Interface], list[dict[str, Any]]]:
                 ipv6=ipv6_enabled(link["ifname"]),
             )
         )
+    if stale:
+        log.info("deleting taps no VM holds, left by an earlier create: %s", " ".join(stale))
+        remove_taps(stale)
     routes = []
     by_name = {i.name: i for i in interfaces}
     # IPv6 routes only where IPv6 is on (dockerd's IPv4 networks turn it off): one `ip` less.
@@ -88,19 +114,41 @@ def discover() -> tuple[list[Interface], list[dict[str, Any]]]:
     return interfaces, routes
 
 
+def _held_by_a_vm(name: str, kind: str | None, carrier: bool) -> bool | None:
+    """For a link that is a container VM's NIC path: whether a VM holds it. None for others.
+
+    Our taps (bvtap<N>) are held while a QEMU has them open: the kernel turns their carrier on
+    (LOWER_UP; the operstate follows only later, through the kernel's link watch).
+    The libvirt backend's veth end in the namespace (bv<key>c<N>, backends/libvirt/hostnet.py)
+    has a pair in the host's namespace: held as long as it exists.
+    """
+    if kind == "tun" and name.startswith(TAP_PREFIX):
+        return carrier
+    if kind == "veth" and len(name) > 11 and name.startswith("bv") and name[10] == "c":
+        key, index = name[2:10], name[11:]
+        if index.isdigit() and all(ch in "0123456789abcdef" for ch in key):
+            return True
+    return None
+
+
 def wire(interfaces: list[Interface]) -> None:
     """A tap per interface, frames mirrored both ways (the tap is what QEMU opens)."""
     mirror(interfaces, make_taps(len(interfaces)))
 
 
 def make_taps(count: int) -> list[str]:
-    """``count`` taps (bvtap0…), up, not yet connected to anything."""
-    taps = [f"bvtap{index}" for index in range(count)]
-    try:
-        batch("ip", [f"{verb} {tap}" for tap in taps for verb in _TAP_VERBS])
-    except BonnevilleError:
-        remove_taps(taps)
-        raise
+    """``count`` taps (bvtap0…), up, not yet connected to anything. On failure, those it made
+    are deleted again, never one of the same name that was there before."""
+    taps = [f"{TAP_PREFIX}{index}" for index in range(count)]
+    commands = [f"{verb} {tap}" for tap in taps for verb in _TAP_VERBS]
+    result = _run_batch("ip", commands, None)
+    if result.returncode != 0:
+        # ip stops at the first line that fails and names it ("Command failed -:N"): the taps
+        # added on lines before it are ours.
+        _, found, rest = result.stderr.partition("Command failed -:")
+        failed = int(rest.split()[0]) if found and rest.split()[0].isdigit() else 0
+        remove_taps([tap for i, tap in enumerate(taps) if i * len(_TAP_VERBS) + 1 < failed])
+        raise _failure("ip", result)
     return taps
 
 
@@ -128,7 +176,22 @@ def mirror(interfaces: list[Interface], taps: list[str]) -> None:
     for iface, tap in pairs:
         iface.tap = tap
     batch("ip", [f"link set dev {tap} mtu {iface.mtu}" for iface, tap in pairs])
-    batch("tc", [line for iface, tap in pairs for line in mirror_commands(iface.name, tap)])
+    commands = [line for iface, tap in pairs for line in mirror_commands(iface.name, tap)]
+    try:
+        batch("tc", commands)
+    except BonnevilleError as exc:
+        if not any(sign in str(exc) for sign in _QDISC_EXISTS):
+            raise
+        # An ingress qdisc was there already: an earlier VM's, in a namespace the caller keeps
+        # (discover() made sure no VM holds it now). Its redirects lead nowhere: start afresh.
+        log.info("replacing the ingress redirects an earlier VM left: %s", exc)
+        names = [name for iface, tap in pairs for name in (iface.name, tap)]
+        _run_batch("tc", [f"qdisc del dev {name} ingress" for name in names], None, force=True)
+        batch("tc", commands)
+
+
+# How `tc qdisc add` says the qdisc exists (with the kernel's extended ack, and without).
+_QDISC_EXISTS = ("Exclusivity flag on", "File exists")
 
 
 def mirror_commands(a: str, b: str) -> list[str]:
@@ -151,8 +214,12 @@ def batch(tool: str, commands: list[str], netns: str | None = None) -> None:
         return
     result = _run_batch(tool, commands, netns)
     if result.returncode != 0:
-        detail = "; ".join(line.strip() for line in result.stderr.splitlines() if line.strip())
-        raise BonnevilleError(f"{tool}: {detail}")
+        raise _failure(tool, result)
+
+
+def _failure(tool: str, result: subprocess.CompletedProcess[str]) -> BonnevilleError:
+    detail = "; ".join(line.strip() for line in result.stderr.splitlines() if line.strip())
+    return BonnevilleError(f"{tool}: {detail}")
 
 
 def delete_links(names: list[str], netns: str | None = None) -> list[str]:
