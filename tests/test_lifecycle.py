@@ -51,9 +51,11 @@ def wait_status(rt: Runtime, cid: str, wanted: str, timeout: float = 60) -> dict
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 60) -> None:
-    """Poll a host-side condition (a file the container writes); a hang guard only."""
+    """Poll a host-side condition (a file the container writes) until it holds; the timeout
+    is a hang guard, and reaching it fails the test."""
     deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
+    while not condition():
+        assert time.monotonic() < deadline, f"still not so after {timeout} s: {condition}"
         time.sleep(0.05)
 
 
@@ -331,7 +333,8 @@ def test_signal_forwarded_to_monitor_pid(runtime: Runtime, tmp_path: Path) -> No
         [
             "sh",
             "-c",
-            "trap 'echo got-usr1 > /tmp/sig; exit 3' USR1; while true; do sleep 0.1; done",
+            "trap 'echo got-usr1 > /tmp/sig; exit 3' USR1; : > /tmp/trap-set;"
+            " while true; do sleep 0.1; done",
         ],
     )
     runtime("create", "-b", str(bundle), "c1", check=True)
