@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 from dataclasses import dataclass, field
 
@@ -24,6 +25,9 @@ log = logging.getLogger("bonneville")
 
 CONTAINER_LINK_KINDS = frozenset({"veth", "macvlan", "ipvlan", "macvtap"})
 TAP_PREFIX = "bvtap"
+# The libvirt backend's links (backends/libvirt/hostnet.py): bv + 8 hex of the VM's key + role
+# (c: its end in the container's namespace; h, t: the host's) + NIC index.
+LIBVIRT_LINK = re.compile(r"^bv[0-9a-f]{8}[cht][0-9]{1,2}$")
 _ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 
 
@@ -124,10 +128,8 @@ def _held_by_a_vm(name: str, kind: str | None, carrier: bool) -> bool | None:
     """
     if kind == "tun" and name.startswith(TAP_PREFIX):
         return carrier
-    if kind == "veth" and len(name) > 11 and name.startswith("bv") and name[10] == "c":
-        key, index = name[2:10], name[11:]
-        if index.isdigit() and all(ch in "0123456789abcdef" for ch in key):
-            return True
+    if kind == "veth" and LIBVIRT_LINK.match(name) and name[10] == "c":
+        return True
     return None
 
 

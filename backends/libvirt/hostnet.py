@@ -20,18 +20,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import subprocess
 from dataclasses import replace
 
 from bonneville.backends.base import VMConfig
+from bonneville.shim import network
 from bonneville.spec.errors import BackendError
 
 log = logging.getLogger(__name__)
 
 _ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
-# Host-side names we create: bv + 8 hex of the VM's key + role (c, h, t) + NIC index.
-OUR_LINK = re.compile(r"^bv[0-9a-f]{8}[cht][0-9]{1,2}$")
+# The names we create (link_names), in the host and in the container's namespace.
+OUR_LINK = network.LIBVIRT_LINK
 DAEMON_PIDFILES = ("/run/libvirtd.pid", "/run/virtqemud.pid")
 
 
@@ -81,8 +81,6 @@ def _run(argv: list[str], netns: str | None = None) -> str:
 
 def _mirror(a: str, b: str, netns: str | None) -> None:
     """Every frame arriving on ``a`` leaves through ``b`` and back (as the monitor's taps)."""
-    from bonneville.shim import network
-
     network.batch("tc", network.mirror_commands(a, b), netns)
 
 
@@ -153,8 +151,6 @@ def remove(names: list[str]) -> None:
     ours = sorted((n for n in names if OUR_LINK.match(n)), key=lambda n: n[10] != "t")
     if not ours:
         return
-    from bonneville.shim import network
-
     # A name that is absent (never made, or the pair's other end took it along) is fine;
     # anything else is a leak someone must hear about.
     problems = network.delete_links(ours, _removal_netns())
