@@ -12,7 +12,7 @@ import sys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from typing import NoReturn
 
 # The commands that start a monitor, and the global options that take a value (the next
@@ -31,29 +31,32 @@ def main() -> NoReturn:
     argv = sys.argv[1:]
     plain = plain_call(argv)
     if plain is not None:
-        if deleted_already(plain):
-            leave(0)
-        try:
-            run_plain(plain)
-            status = 0
-        except SystemExit as exc:
-            status = exit_status(exc.code)
-        leave(status)
+        leave(0 if deleted_already(plain) else status_of(lambda: run_plain(plain)))
     from bonneville.shim import launch
 
     command, backend = command_of(argv)
     if command in CREATING_COMMANDS:
         launch.start(backend)
     try:
-        from bonneville.shim.cli import main as cli_main
-
-        cli_main()
-        status = 0
-    except SystemExit as exc:
-        status = exit_status(exc.code)
+        status = status_of(_run_cli)
     finally:
         launch.discard()
     leave(status)
+
+
+def _run_cli() -> None:
+    from bonneville.shim.cli import main as cli_main
+
+    cli_main()
+
+
+def status_of(action: Callable[[], None]) -> int:
+    """The exit status of a program that is ``action``: 0, or what its sys.exit() means."""
+    try:
+        action()
+    except SystemExit as exc:
+        return exit_status(exc.code)
+    return 0
 
 
 class PlainCall:
