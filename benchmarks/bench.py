@@ -119,7 +119,7 @@ def cold_wrapper() -> Iterator[str]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def docker_runtimes(cold: str) -> dict[str, dict[str, object]]:
+def docker_runtimes(cold: str, runsc: list[str]) -> dict[str, dict[str, object]]:
     """daemon.json's runtimes: both bonneville modes, and crun and runsc where installed."""
     runtimes: dict[str, dict[str, object]] = {
         "bonneville": {"path": shutil.which("bonneville") or ""},
@@ -129,19 +129,21 @@ def docker_runtimes(cold: str) -> dict[str, dict[str, object]]:
         path = shutil.which(name)
         if path:
             runtimes[name] = {"path": path}
-    if "runsc" in runtimes and netns_looks_like_root():
-        runtimes["runsc"]["runtimeArgs"] = ["--network=host"]
+    if "runsc" in runtimes and runsc:
+        runtimes["runsc"]["runtimeArgs"] = runsc
     return runtimes
 
 
-def netns_looks_like_root() -> bool:
-    """Whether a new network namespace has /proc/sys/net/core/rmem_default, as on kernels since
-    6.x. Debian 12's runsc (2022) takes that file for the mark of the host's namespace and then
-    refuses its own network stack in every container ("cannot run with network enabled in root
-    network namespace"); with `--network=host` it runs, still in the container's namespace that
-    dockerd made, on the kernel's network stack instead of gVisor's netstack."""
+def runsc_args() -> list[str]:
+    """runsc's flags here: `--network=host` where a new network namespace has
+    /proc/sys/net/core/rmem_default, as on kernels since 6.x. Debian 12's runsc (2022) takes
+    that file for the mark of the host's namespace and then refuses its own network stack in
+    every container ("cannot run with network enabled in root network namespace"); with
+    `--network=host` it runs, still in the container's namespace that dockerd made, on the
+    kernel's network stack instead of gVisor's netstack."""
     probe = ["unshare", "--net", "test", "-e", "/proc/sys/net/core/rmem_default"]
-    return subprocess.run(probe, capture_output=True, check=False).returncode == 0
+    looks_like_root = subprocess.run(probe, capture_output=True, check=False).returncode == 0
+    return ["--network=host"] if looks_like_root else []
 
 
 # ---- sections --------------------------------------------------------------------------------
@@ -205,7 +207,7 @@ def _cli_cycle(binary: list[str], root: str, bundle: Path, cid: str) -> None:
         subprocess.run([*binary, "--root", root, "delete", "--force", cid], capture_output=True)
 
 
-def bench_cli(work: Path, runs: int) -> str:
+def bench_cli(work: Path, runs: int, runsc: list[str]) -> str:
     bundle = write_bundle(work / "cli-bundle", default_config(["true"]))
     variants: dict[str, tuple[list[str], dict[str, str]]] = {
         "runc": (["runc"], {}),
@@ -215,8 +217,7 @@ def bench_cli(work: Path, runs: int) -> str:
     if shutil.which("crun"):
         variants["crun"] = (["crun"], {})
     if shutil.which("runsc"):
-        network = ["--network=host"] if netns_looks_like_root() else []
-        variants["runsc"] = (["runsc", *network], {})
+        variants["runsc"] = (["runsc", *runsc], {})
     results: dict[str, float | str] = {}
     for name, (binary, env) in variants.items():
         root = str(work / f"cli-root-{len(results)}")
@@ -391,22 +392,23 @@ def main() -> None:
     subprocess.run(["bonneville", "template", "build"], check=True, capture_output=True)
     print(f"## Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
     print(f"Machine: {machine()}\n", flush=True)
+    runsc = runsc_args() if shutil.which("runsc") else []
     with tempfile.TemporaryDirectory(prefix="bvbench-") as tmp:
         work = Path(tmp)
         make_busybox_rootfs(work / "cli-bundle" / "rootfs")
         if only & {"docker", "concurrent"}:
             with cold_wrapper() as cold:
-                runtimes = docker_runtimes(cold)
+                runtimes = docker_runtimes(cold, runsc)
                 with private_dockerd(runtimes, IMAGE) as docker:
                     names = ["runc", *runtimes]
-                    if "--network=host" in runtimes.get("runsc", {}).get("runtimeArgs", []):
-                        print("runsc runs with `--network=host` (netns_looks_like_root)\n")
+                    if "runsc" in runtimes and runsc:
+                        print(f"runsc runs with {' '.join(runsc)} (see runsc_args)\n")
                     if "docker" in only:
                         print(bench_docker(docker, names, args.runs) + "\n", flush=True)
                     if "concurrent" in only:
                         print(bench_concurrent(docker, ["runc", "bonneville"]) + "\n", flush=True)
         if "cli" in only:
-            print(bench_cli(work, args.runs) + "\n", flush=True)
+            print(bench_cli(work, args.runs, runsc) + "\n", flush=True)
         if "memory" in only:
             print(bench_memory(work) + "\n", flush=True)
         if "io" in only:
