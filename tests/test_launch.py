@@ -90,13 +90,7 @@ backend.alive({"pid": 0})
 backend.destroy({"pid": 0})
 print(json.dumps(sorted(sys.modules)))
 """
-    out = subprocess.run(
-        [sys.executable, "-c", probe],
-        capture_output=True,
-        check=True,
-        env={"PATH": "/usr/bin:/bin"},
-    ).stdout
-    modules = set(json.loads(out))
+    modules = modules_imported_by(probe)
     assert "bonneville.backends.qemu.backend" in modules
     for unwanted in (
         "bonneville.backends.qemu.machine",
@@ -313,12 +307,17 @@ for command in ("state", "start", "delete"):
         entry.run_plain(call)
 print(json.dumps(sorted(sys.modules)))
 """
+    modules = modules_imported_by(probe, str(tmp_path))
+    assert "bonneville.shim.lifecycle" in modules
+    assert "click" not in modules and "bonneville.shim.cli" not in modules
+
+
+def modules_imported_by(probe: str, *args: str) -> set[str]:
+    """The modules a fresh Python holds after ``probe`` (which prints sorted(sys.modules))."""
     out = subprocess.run(
-        [sys.executable, "-c", probe, str(tmp_path)],
+        [sys.executable, "-c", probe, *args],
         capture_output=True,
         check=True,
         env={"PATH": "/usr/bin:/bin"},
     ).stdout
-    modules = set(json.loads(out))
-    assert "bonneville.shim.lifecycle" in modules
-    assert "click" not in modules and "bonneville.shim.cli" not in modules
+    return set(json.loads(out))
