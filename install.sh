@@ -14,7 +14,7 @@ PACKAGES="python3 python3-venv python3-dev gcc
     golang-go golang-github-vmware-govmomi-dev xorriso isolinux syslinux-common
     qemu-system-x86 qemu-utils linux-image-amd64 busybox-static
     kmod cpio xz-utils iproute2 procps ca-certificates tar
-    docker.io containerd runc iptables crun runsc
+    docker.io containerd runc iptables crun runsc containernetworking-plugins
     golang-go git util-linux
     libvirt-daemon-system libvirt-dev pkg-config"
 # Only what is missing: a machine that has everything installs nothing (and needs no network).
