@@ -26,3 +26,22 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             stack.append(child)
     return sorted(found)
+
+
+def in_sessions(sessions: set[int]) -> list[int]:
+    """Live processes whose session id is one of ``sessions`` (zombies left out): a
+    container's processes where no cgroup holds them, orphans too (each container process
+    leads a session of its own)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        fields = data[data.rindex(b")") + 2 :].split()
+        if fields[0] != b"Z" and int(fields[3]) in sessions:
+            found.append(int(name))
+    return sorted(found)

@@ -17,7 +17,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-VERSION = 1
+VERSION = 2
 
 # Names both sides agree on: the virtio-serial port and the 9p mount tag of the shared root.
 PORT_NAME = "bonneville.agent"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ import pytest
 
 from bonneville.backends.base import JOURNAL_FILE
 from bonneville.backends.vsphere import backend as vsb
-from bonneville.guest.agent import ROOT_DISK_LABEL, ext4_identity
+from bonneville.guest.channel import ROOT_DISK_LABEL, ext4_identity
 from conftest import (
     Runtime,
     default_config,
@@ -350,11 +351,14 @@ def test_instant_clone_refused_by_the_server_falls_back_to_a_linked_clone(
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     backend = vsb.VSphereBackend(vcsim.settings(agent_timeout=60))
+    share = tmp_path / "share"  # the export: a directory per container (here one)
+    share.mkdir()
+    shutil.copytree(busybox_rootfs, share / "ic1", symlinks=True)
     config = VMConfig(
         container_id="ic1",
         memory_mib=256,
         vcpus=1,
-        share_dir=str(busybox_rootfs),
+        share_dir=str(share),
         run_dir=str(run_dir),
         kernel=image.kernel,
         initrd=image.initrd,

@@ -132,21 +132,27 @@ def test_container_process_over_a_tcp_serial_link(
         hello = agent.call("hello", CALL_TIMEOUT, version=protocol.VERSION)
         assert hello["pid"] == 1 and hello["kernel"] == find_kernel().release
         agent.call(
-            "setup",
+            "create",
             CALL_TIMEOUT,
-            container={
+            container="c1",
+            stream=1,
+            config={
                 "hostname": "serial",
                 "readonly": False,
                 "mounts": [
                     {"destination": "/proc", "type": "proc", "source": "proc", "options": []},
                 ],
             },
+            namespaces={},
+            process={"args": ["/bin/sleep", "1000"], "cwd": "/", "env": ["PATH=/bin"]},
         )
+        agent.call("start", CALL_TIMEOUT, container="c1")
         # Every byte value through the UART both ways: the link is 8-bit clean.
         payload = bytes(range(256)) * 16
         agent.call(
             "exec",
             CALL_TIMEOUT,
+            container="c1",
             id=2,
             stdin=True,
             process={"args": ["/bin/cat"], "cwd": "/", "env": ["PATH=/bin"]},
@@ -161,6 +167,7 @@ def test_container_process_over_a_tcp_serial_link(
         agent.call(
             "exec",
             CALL_TIMEOUT,
+            container="c1",
             id=3,
             process={
                 "args": [

@@ -240,6 +240,11 @@ class StandInGuest:
         if self.forced_token:
             conn.close()
             return
+        # The agent's share holds a directory per container (docs/protocol.md): the root's.
+        share = self.root.parent / f"standin-share-{self.container_id}"
+        share.mkdir(exist_ok=True)
+        if not (share / self.container_id).exists():
+            (share / self.container_id).symlink_to(self.root)
         with open(self.root.parent / "agent.log", "ab") as log:
             self.agent = subprocess.Popen(
                 [
@@ -249,7 +254,7 @@ class StandInGuest:
                     "--fd",
                     str(conn.fileno()),
                     "--root",
-                    str(self.root),
+                    str(share),
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,

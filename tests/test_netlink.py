@@ -49,7 +49,7 @@ def test_links_addresses_and_routes_in_a_private_netns() -> None:
 
 CONFIGURE = r"""
 import json, subprocess, threading, time
-from bonneville.guest import agent
+from bonneville.guest import netconfig as agent
 def sh(cmd):
     return subprocess.run(cmd, shell=True, check=True, capture_output=True, text=True).stdout
 # d1 stays down a while: d0 has no carrier until then, as a NIC whose driver has just loaded.

@@ -15,7 +15,8 @@ import pytest
 from bonneville.backends.vsphere import config as vconfig
 from bonneville.backends.vsphere import media, specs
 from bonneville.backends.vsphere.transport import SerialListener, new_token, preamble
-from bonneville.guest import agent
+from bonneville.guest import channel as agent
+from bonneville.guest.mode import Mode
 from bonneville.spec.errors import BackendError, ConfigError
 
 pytest.importorskip("pyVmomi")
@@ -248,12 +249,12 @@ def test_kernel_options_and_mode_switches() -> None:
         "bonneville.root": "disk",
         "bonneville.token": "T",
     }
-    mode = agent.Mode(True, None, None, options)
+    mode = Mode(True, None, None, options)
     assert (mode.serial, mode.root_disk, mode.token, mode.reconnects) == ("ttyS1", True, "T", False)
-    plain = agent.Mode(True, None, None, {})
+    plain = Mode(True, None, None, {})
     assert (plain.serial, plain.root_disk, plain.reconnects) == ("", False, True)
     # Host mode (fake backend, tests) ignores the switches: its channel and root are given.
-    host = agent.Mode(False, 5, "/tmp/root", options)
+    host = Mode(False, 5, "/tmp/root", options)
     assert (host.serial, host.root_disk) == ("", False)
 
 
@@ -314,7 +315,7 @@ def test_the_channel_writes_the_preamble_first(tmp_path: Path) -> None:
     master, slave = pty.openpty()
     name = os.ttyname(slave).removeprefix("/dev/")
     try:
-        mode = agent.Mode(False, None, None, {})
+        mode = Mode(False, None, None, {})
         mode.serial, mode.token = name, TOKEN
         channel = agent.Channel(mode)
         result: list[bytes] = []
