@@ -29,6 +29,8 @@ class Capability(enum.Enum):
     PAUSE = "pause"  # can freeze and thaw a running VM
     NETWORK = "network"  # can give the guest a NIC bridged to the container's netns
     CONSOLE = "console"  # captures the guest's serial console to a file
+    PODS = "pods"  # more containers can join a running VM (its share takes their trees)
+    HOTPLUG = "hotplug"  # can add RAM and vCPUs to a running VM (a pod that grows)
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,8 @@ class VMConfig:
     container_id: str
     memory_mib: int
     vcpus: int
-    # Host directory exported to the guest as the container root (9p tag protocol.ROOT_TAG).
+    # Host directory exported to the guest (9p tag protocol.ROOT_TAG): the pod's share, one
+    # directory per container, named by its id (shim/monitor/share.py).
     share_dir: str
     # Private directory of this VM (sockets, console log, backend files); removed on delete.
     run_dir: str
@@ -48,9 +51,18 @@ class VMConfig:
     kernel_args: tuple[str, ...] = ()
     # Tap devices (names in the monitor's network namespace) with the MAC the guest must use.
     nics: tuple[tuple[str, str], ...] = ()
+    # The vCPUs the VM may grow to while it runs (0: ``vcpus``): a pod's containers add theirs.
+    max_vcpus: int = 0
     # Backend-specific extras. "runtime_netns_fd": the runtime's network namespace (the
     # monitor itself sits in the container's), for backends that must reach a remote server.
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+# The granularity of memory hotplug: x86-64 Linux adds memory in 128 MiB sections.
+HOTPLUG_BLOCK_MIB = 128
+# The most RAM a VM may grow to (its address space is reserved at start; nothing is allocated).
+MAX_MEMORY_MIB = 64 * 1024
+HOTPLUG_SLOTS = 16
 
 
 class VM(ABC):
@@ -83,6 +95,15 @@ class VM(ABC):
 
     def resume(self) -> None:
         raise BackendError("this backend cannot resume a VM")
+
+    def add_memory(self, mib: int) -> None:
+        """Plug ``mib`` more MiB of RAM into the running VM (a multiple of HOTPLUG_BLOCK_MIB);
+        the guest onlines it."""
+        raise BackendError("this backend cannot add memory to a running VM")
+
+    def add_vcpus(self, total: int) -> int:
+        """Plug vCPUs until the VM has ``total`` (at most its maximum); the count it has."""
+        raise BackendError("this backend cannot add vCPUs to a running VM")
 
     @abstractmethod
     def stop(self, timeout: float = 5.0) -> None:

@@ -61,7 +61,7 @@ class FakeVM(VM):
 
 class FakeBackend(Backend):
     name = "fake"
-    capabilities = frozenset({Capability.PAUSE})
+    capabilities = frozenset({Capability.PAUSE, Capability.PODS})
     boots_guest_image = False
 
     def launch(self, config: VMConfig) -> VM:

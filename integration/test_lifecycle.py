@@ -101,8 +101,9 @@ def test_a_network_namespace_the_caller_keeps(
     runtime: Runtime, tmp_path: Path, container_netns: str
 ) -> None:
     """CNI (and a pod) keep the namespace beyond the container: a create that fails there
-    leaves no NIC of ours in it, and a second container cannot take the first's network
-    (docker's `--network container:…`): refused in one line, the first one's NIC untouched."""
+    leaves no NIC of ours in it. A second container in it (docker's `--network container:…`)
+    joins the first one's VM, the first one's NIC untouched; a VM this runtime's root does not
+    know (another --root's) cannot be joined: refused in one line."""
 
     def links() -> list[str]:
         shown = subprocess.run(
@@ -139,16 +140,24 @@ def test_a_network_namespace_the_caller_keeps(
     try:
         runtime("start", "n1", check=True)
         held, mirrored = links(), filters()
+        boot_id = ["cat", "/proc/sys/kernel/random/boot_id"]
         second = write_bundle(
-            tmp_path / "second", in_netns(default_config(["true"]), container_netns)
+            tmp_path / "second", in_netns(default_config(boot_id), container_netns)
         )
-        result = runtime("create", "-b", str(second), "n2")
-        assert result.returncode == 1
-        assert b"containers cannot share a network namespace" in result.stderr, result
-        assert result.stderr.count(b"\n") == 1
+        joined = runtime("run", "-b", str(second), "n2")
+        assert joined.returncode == 0, joined
+        in_first = runtime("exec", "n1", *boot_id, check=True).stdout
+        assert joined.stdout == in_first, "the second container ran in the first one's VM"
         assert not (runtime.root / "n2").exists()
         assert (links(), filters()) == (held, mirrored)
         assert runtime.state("n1")["status"] == "running"
+        stranger = Runtime(tmp_path / "other-root", runtime.backend)
+        result = stranger("create", "-b", str(second), "n3")
+        assert result.returncode == 1
+        assert b"containers cannot share a network namespace" in result.stderr, result
+        assert result.stderr.count(b"\n") == 1
+        assert not (stranger.root / "n3").exists()
+        assert (links(), filters()) == (held, mirrored)
     finally:
         runtime("delete", "--force", "n1", check=True)
 

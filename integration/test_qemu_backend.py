@@ -220,6 +220,8 @@ def test_capabilities() -> None:
         Capability.PAUSE,
         Capability.CONSOLE,
         Capability.NETWORK,
+        Capability.PODS,
+        Capability.HOTPLUG,
     }
     QemuBackend().require(Capability.CLONE)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import selectors
 import signal
@@ -22,6 +21,7 @@ from typing import Any
 
 from bonneville.guest import protocol
 from bonneville.shim import console, unixsock
+from bonneville.shim.control import Op, Request
 from bonneville.spec.errors import BonnevilleError
 
 _UNFORWARDED = {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGPIPE}
@@ -33,8 +33,10 @@ class ExecProxy:
         control_path: str,
         process: dict[str, Any],
         console_socket: str | None,
+        container: str = "",
     ) -> None:
         self.control_path = control_path
+        self.container = container
         self.process = process
         self.console_socket = console_socket
         self.terminal = bool(process.get("terminal"))
@@ -50,7 +52,8 @@ class ExecProxy:
             self.conn = unixsock.connect_unix(self.control_path, timeout=30)
         except OSError as exc:
             raise BonnevilleError(f"cannot reach the container monitor: {exc.strerror}") from exc
-        self.conn.sendall(json.dumps({"op": "exec", "process": self.process}).encode() + b"\n")
+        request = Request(Op.EXEC, container=self.container, process=self.process)
+        self.conn.sendall(request.encode())
         while True:
             data = self.conn.recv(1 << 16)
             if not data:

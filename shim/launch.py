@@ -1,6 +1,6 @@
 """Starting a container's monitor process, early.
 
-The monitor (shim/monitor.py) is a fork of the `bonneville` process that runs `create`. It lives
+The monitor (shim/monitor/) is a fork of the `bonneville` process that runs `create`. It lives
 as long as the container, so everything the CLI had imported when it forked stays in memory once
 per container (click alone is ~1.4 MiB of it). So `create` and `run` fork it first thing, before
 the CLI imports anything (shim/entry.py calls :func:`start`): the child imports only the
@@ -19,7 +19,7 @@ import json
 import os
 import signal
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bonneville.spec.errors import BonnevilleError
 
@@ -49,6 +49,11 @@ class MonitorConfig:
     use_stdio_tty: bool = False
     # (st_dev, st_ino) of the network namespace create ran in: never the container's.
     runtime_netns: tuple[int, int] = (0, 0)
+    # A pod member: the owner whose VM it joins, and that owner's control socket (shim/pod.py).
+    owner: str = ""
+    owner_socket: str = ""
+    # The guest namespaces of the container (shim/pod.py: "new", "vm" or "container:<id>").
+    namespaces: dict[str, str] = field(default_factory=dict)
 
     def to_message(self) -> dict[str, Any]:
         return {
@@ -60,6 +65,9 @@ class MonitorConfig:
             "console_socket": self.console_socket,
             "use_stdio_tty": self.use_stdio_tty,
             "runtime_netns": list(self.runtime_netns),
+            "owner": self.owner,
+            "owner_socket": self.owner_socket,
+            "namespaces": self.namespaces,
             # The monitor was forked before the CLI read its flags (--libvirt-uri sets one).
             "environ": dict(os.environ),
         }
@@ -78,6 +86,9 @@ class MonitorConfig:
             console_socket=message["console_socket"],
             use_stdio_tty=bool(message["use_stdio_tty"]),
             runtime_netns=(int(dev), int(ino)),
+            owner=str(message.get("owner") or ""),
+            owner_socket=str(message.get("owner_socket") or ""),
+            namespaces={str(k): str(v) for k, v in (message.get("namespaces") or {}).items()},
         )
 
 

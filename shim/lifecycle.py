@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from bonneville.backends import procfs
 from bonneville.shim import hooks, hostns, ids, state, unixsock
+from bonneville.shim.control import Op, Request
 from bonneville.shim.state import ContainerState, Store
 from bonneville.shim.status import Status
 from bonneville.spec.errors import (
@@ -172,10 +174,27 @@ def _create(
         raise BonnevilleError(
             "cannot use console socket if bonneville will not detach or allocate tty"
         )
-    backend_name = ctx.backend_for_create()
+    from bonneville.shim.pod import place
+
+    placement = place(ctx.store, spec)
+    owner: ContainerState | None = None
+    if placement.owner:
+        owner = ctx.store.load(placement.owner)
+        backend_name = owner.backend
+    else:
+        backend_name = ctx.backend_for_create()
     backend = get_backend(backend_name)  # unknown or unavailable: fail before anything exists
     backend.preflight()
-    if Capability.NETWORK in backend.capabilities and _shares_host_network(spec.linux):
+    if owner is not None and Capability.PODS not in backend.capabilities:
+        raise BonnevilleError(
+            f"container {owner.id}'s VM cannot take more containers: the {backend_name} backend"
+            " runs one container per VM (pods and --network container: need qemu or libvirt)"
+        )
+    if (
+        owner is None
+        and Capability.NETWORK in backend.capabilities
+        and _shares_host_network(spec.linux)
+    ):
         raise BonnevilleError(
             "a VM cannot share the host's network stack: the config gives the container no network"
             " namespace of its own (docker --network host is not supported; use a bridge network"
@@ -191,6 +210,7 @@ def _create(
         annotations=dict(spec.annotations),
         creator_pid=os.getpid(),
         creator_start=procfs.start_time(os.getpid()),
+        sandbox=owner.id if owner is not None else "",
         start_container_hooks=_raw_hooks(bundle, "startContainer"),
         poststart_hooks=_raw_hooks(bundle, "poststart"),
         poststop_hooks=_raw_hooks(bundle, "poststop"),
@@ -212,6 +232,9 @@ def _create(
                 console_socket=os.path.abspath(console_socket) if console_socket else None,
                 use_stdio_tty=use_stdio_tty,
                 runtime_netns=hostns.namespace_id("/proc/self/ns/net"),
+                owner=owner.id if owner is not None else "",
+                owner_socket=ctx.store.path(owner.id, state.SOCKET_FILE) if owner else "",
+                namespaces=placement.namespaces,
             )
             launch.hand_over(sync, config)
             deadline = time.monotonic() + CREATE_TIMEOUT
@@ -223,7 +246,10 @@ def _create(
             )
             sync.sendall(b'{"continue": true}\n')
             ready = _read_phase(sync, deadline)
-            st.backend_state = dict(ready.get("backend_state") or {})
+            # A member's VM is its owner's: its state tells whether the VM lives.
+            st.backend_state = dict(
+                owner.backend_state if owner is not None else ready.get("backend_state") or {}
+            )
             ctx.store.save(st)
             hooks.run_hooks(
                 "createContainer", spec.hooks.create_container, _hook_state(st, Status.CREATED)
@@ -271,17 +297,29 @@ def _abort_create(ctx: Context, st: ContainerState, monitor_pid: int) -> None:
 
 
 def _destroy_vm(ctx: Context, st: ContainerState) -> None:
-    """Destroy what is left of the VM: as create recorded it, else as far as its launch got."""
+    """Destroy what is left of the VM: as create recorded it, else as far as its launch got.
+    A pod member's VM is its owner's: never its to destroy."""
     from bonneville.backends.base import get_backend, read_journal
 
+    if st.sandbox:
+        return
     private = st.backend_state or read_journal(ctx.store.path(st.id))
     if private:
         with contextlib.suppress(BonnevilleError):
             get_backend(st.backend).destroy(private)
 
 
-def _monitor_call(ctx: Context, st: ContainerState, request: dict[str, Any]) -> dict[str, Any]:
-    return unixsock.call(ctx.store.path(st.id, state.SOCKET_FILE), request)
+def control_socket(ctx: Context, st: ContainerState) -> str:
+    """The control socket that serves a container: its pod owner's monitor's."""
+    return ctx.store.path(st.sandbox or st.id, state.SOCKET_FILE)
+
+
+def _monitor_call(
+    ctx: Context, st: ContainerState, request: Request, timeout: float = 30.0
+) -> dict[str, Any]:
+    if st.sandbox:
+        request = dataclasses.replace(request, container=st.id)
+    return unixsock.call(control_socket(ctx, st), request.to_json(), timeout)
 
 
 def start(ctx: Context, container_id: str) -> None:
@@ -299,7 +337,7 @@ def start(ctx: Context, container_id: str) -> None:
         except HookError:
             _stop_monitor(ctx, st)
             raise
-        _monitor_call(ctx, st, {"op": "start"})
+        _monitor_call(ctx, st, Request(Op.START))
         st.started = True
         ctx.store.save(st)
         hooks.run_hooks_warn("poststart", st.poststart_hooks, _hook_state(st, Status.RUNNING))
@@ -397,11 +435,11 @@ def kill(ctx: Context, container_id: str, signum: int, all_processes: bool = Fal
             raise InvalidState("container not running", status.value)
         if signum == 0:
             return  # kill(2)'s signal 0: the check above is all it asks for
-        request = {"op": "signal", "signal": signum, "all": all_processes}
+        request = Request(Op.SIGNAL, signal=signum, all=all_processes)
         try:
             if signum == signal.SIGKILL:
                 # A guest that does not confirm soon gets the same end through its monitor.
-                unixsock.call(ctx.store.path(st.id, state.SOCKET_FILE), request, KILL_TIMEOUT)
+                _monitor_call(ctx, st, request, KILL_TIMEOUT)
             else:
                 _monitor_call(ctx, st, request)
         except BonnevilleError:
@@ -438,7 +476,7 @@ def _stop_monitor(ctx: Context, st: ContainerState) -> None:
     """End the container: ask the monitor to power off, then make sure of it."""
     if procfs.is_alive(st.pid, st.pid_start):
         with contextlib.suppress(BonnevilleError):
-            unixsock.call(ctx.store.path(st.id, state.SOCKET_FILE), {"op": "destroy"}, timeout=5)
+            _monitor_call(ctx, st, Request(Op.DESTROY), timeout=5)
         if not _wait_gone(st.pid, st.pid_start, MONITOR_EXIT_TIMEOUT):
             _forward(st.pid, signal.SIGKILL)
             _wait_gone(st.pid, st.pid_start, MONITOR_EXIT_TIMEOUT)
@@ -466,7 +504,9 @@ def _delete_locked(ctx: Context, container_id: str, force: bool) -> None:
         # socket is asked to end the VM, then the entry goes.
         log.warning("deleting damaged container %s: %s", container_id, exc)
         with contextlib.suppress(BonnevilleError):
-            unixsock.call(ctx.store.path(container_id, state.SOCKET_FILE), {"op": "destroy"}, 5)
+            unixsock.call(
+                ctx.store.path(container_id, state.SOCKET_FILE), Request(Op.DESTROY).to_json(), 5
+            )
         ctx.store.remove(container_id)
         return
     status = refresh(ctx, st)
@@ -520,7 +560,7 @@ def pause(ctx: Context, container_id: str) -> None:
         status = refresh(ctx, st)
         if not status.can_pause:
             raise InvalidState(f"container not running: {status.value}", status.value)
-        _monitor_call(ctx, st, {"op": "pause"})
+        _monitor_call(ctx, st, Request(Op.PAUSE))
         st.paused = True
         ctx.store.save(st)
 
@@ -531,7 +571,7 @@ def resume(ctx: Context, container_id: str) -> None:
         status = refresh(ctx, st)
         if not status.can_resume:
             raise InvalidState("container not paused", status.value)
-        _monitor_call(ctx, st, {"op": "resume"})
+        _monitor_call(ctx, st, Request(Op.RESUME))
         st.paused = False
         ctx.store.save(st)
 
@@ -562,7 +602,7 @@ def exec_process(
         status = refresh(ctx, st)
         if status is not Status.RUNNING:
             raise InvalidState(f"cannot exec in a {status.value} container", status.value)
-    proxy = ExecProxy(ctx.store.path(container_id, state.SOCKET_FILE), process, console_socket)
+    proxy = ExecProxy(control_socket(ctx, st), process, console_socket, st.id if st.sandbox else "")
     if not detach:
         proxy.start()
         if pid_file:
@@ -640,7 +680,7 @@ def ps(ctx: Context, container_id: str) -> list[int]:
         if status is Status.STOPPED:
             return []
         pids = [st.pid, *procfs.descendants(st.pid)]
-        if st.backend_state:
+        if st.backend_state and not st.sandbox:
             from bonneville.backends.base import get_backend
 
             extra = get_backend(st.backend).vm_pids(st.backend_state)
@@ -661,7 +701,7 @@ def update(ctx: Context, container_id: str, resources: dict[str, Any]) -> None:
         if status is Status.PAUSED:
             # The agent that writes the limits is frozen with the rest of the VM.
             raise InvalidState("container is paused: resume it to update its limits", "paused")
-        _monitor_call(ctx, st, {"op": "update", "resources": resources})
+        _monitor_call(ctx, st, Request(Op.UPDATE, resources=resources))
 
 
 def stats(ctx: Context, container_id: str) -> dict[str, Any]:
@@ -674,6 +714,6 @@ def stats(ctx: Context, container_id: str) -> dict[str, Any]:
         if status is Status.PAUSED:
             # A paused VM cannot answer; runc reads the frozen cgroup, we have nothing to read.
             raise InvalidState("container is paused: its VM cannot report statistics", "paused")
-        reply = _monitor_call(ctx, st, {"op": "stats"})
+        reply = _monitor_call(ctx, st, Request(Op.STATS))
     raw = reply.get("stats")
     return raw if isinstance(raw, dict) else {}

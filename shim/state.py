@@ -59,7 +59,10 @@ class ContainerState:
     created_done: bool = False
     started: bool = False
     paused: bool = False
-    # Opaque to the core: whatever the backend needs to check on or destroy its VM.
+    # The pod's owner whose VM this container runs in ("": the container owns its VM).
+    sandbox: str = ""
+    # Opaque to the core: whatever the backend needs to check on or destroy its VM (a pod
+    # member's is its owner's: to check on, never to destroy).
     backend_state: dict[str, Any] = field(default_factory=dict)
     # Raw hooks from config.json as create read it, for the commands that run them later (as
     # runc keeps its config in its state): start and delete never read the bundle again.

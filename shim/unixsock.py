@@ -9,6 +9,8 @@ import socket
 
 from bonneville.spec.errors import BonnevilleError
 
+LINE_LIMIT = 64 << 20  # a control request carries a process object, as large as ARG_MAX allows
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any

@@ -19,8 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bonneville.guest import protocol
-from bonneville.shim import launch, monitor
+from bonneville.shim import launch
 from bonneville.shim.agent_client import AgentConnection
+from bonneville.shim.monitor import pod as monitor
 from bonneville.spec.config import load_bundle
 from bonneville.spec.errors import AgentError
 from conftest import default_config, write_bundle
@@ -32,7 +33,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def hostile(bundle: Path, tmp_path: Path) -> Iterator[tuple[monitor.Monitor, socket.socket]]:
+def hostile(bundle: Path, tmp_path: Path) -> Iterator[tuple[monitor.Pod, socket.socket]]:
     """A monitor whose agent end is ours to write anything into."""
     config = launch.MonitorConfig(
         container_id="c1",
@@ -42,9 +43,9 @@ def hostile(bundle: Path, tmp_path: Path) -> Iterator[tuple[monitor.Monitor, soc
         console_socket=None,
     )
     sync_ours, sync_theirs = socket.socketpair()
-    m = monitor.Monitor(config, sync_theirs)
+    m = monitor.Pod(config, sync_theirs)
     ours, theirs = socket.socketpair()
-    m.agent = AgentConnection(theirs)
+    m.vm.agent = AgentConnection(theirs)
     yield m, ours
     for s in (ours, theirs, sync_ours, sync_theirs):
         s.close()
@@ -82,7 +83,7 @@ HARMLESS = {
 
 @pytest.mark.parametrize("case", sorted(HARMLESS))
 def test_harmless_nonsense_is_ignored(
-    hostile: tuple[monitor.Monitor, socket.socket], case: str
+    hostile: tuple[monitor.Pod, socket.socket], case: str
 ) -> None:
     m, agent = hostile
     agent.sendall(HARMLESS[case] + _control({"op": "exit", "id": 1, "status": 5}))
@@ -94,7 +95,7 @@ def test_harmless_nonsense_is_ignored(
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_hostile_frame_ends_the_container_never_the_monitor(
-    hostile: tuple[monitor.Monitor, socket.socket], tmp_path: Path, case: str
+    hostile: tuple[monitor.Pod, socket.socket], tmp_path: Path, case: str
 ) -> None:
     m, agent = hostile
     # From a thread: a frame larger than the socket buffer waits for the monitor to read.
@@ -113,7 +114,7 @@ def test_hostile_frame_ends_the_container_never_the_monitor(
 
 
 def test_agent_log_flood_is_rate_limited(
-    hostile: tuple[monitor.Monitor, socket.socket], caplog: pytest.LogCaptureFixture
+    hostile: tuple[monitor.Pod, socket.socket], caplog: pytest.LogCaptureFixture
 ) -> None:
     m, agent = hostile
     flood = protocol.encode_control({"op": "log", "level": "info", "msg": "x" * 100_000})
@@ -137,7 +138,7 @@ def test_agent_log_flood_is_rate_limited(
 
 
 def test_valid_output_after_garbage_is_never_written(
-    hostile: tuple[monitor.Monitor, socket.socket],
+    hostile: tuple[monitor.Pod, socket.socket],
 ) -> None:
     """Once the channel is broken nothing more is taken from it."""
     m, agent = hostile

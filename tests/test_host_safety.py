@@ -66,7 +66,7 @@ def test_bind_destination_symlinked_out_of_the_root_stays_inside(
     (bundle / "rootfs" / "data").symlink_to(link)
     cid, monitor = _create(runtime, bundle)
     mounts = _mounts(monitor)
-    share = str(runtime.root / cid / "share")
+    share = str(runtime.root / cid / "share" / cid)
     assert "/etc" not in mounts, "the host's /etc was mounted over"
     assert f"{share}/etc" in mounts, "the volume belongs at the root's own /etc"
     assert not os.path.exists("/etc/marker")
@@ -114,8 +114,10 @@ def test_share_is_nosuid_nodev_and_ro_volumes_are_read_only_on_the_host(
         _bind(rw, "/rw"),
     ]
     cid, monitor = _create(runtime, write_bundle(tmp_path / "bundle", config))
-    share = str(runtime.root / cid / "share")
+    export = str(runtime.root / cid / "share")
+    share = f"{export}/{cid}"
     mounts = _mounts(monitor)
+    assert {"nosuid", "nodev", "noexec"} <= mounts[export]
     assert {"nosuid", "nodev"} <= mounts[share]
     assert "ro" in mounts[f"{share}/ro"] and "nosuid" in mounts[f"{share}/ro"]
     assert "rw" in mounts[f"{share}/rw"]

@@ -77,7 +77,12 @@ def test_stdin_piped_into_run_reaches_the_container(runtime: Runtime, tmp_path: 
 
 
 def test_full_lifecycle(runtime: Runtime, tmp_path: Path) -> None:
-    bundle = make_bundle(tmp_path, ["sh", "-c", "echo started > /tmp/marker; sleep 1000"])
+    # The process is PID 1 of its PID namespace, as under runc: TERM reaches it only through a
+    # handler of its own.
+    bundle = make_bundle(
+        tmp_path,
+        ["sh", "-c", "trap 'exit 143' TERM; echo started > /tmp/marker; sleep 1000 & wait"],
+    )
     pid_file = tmp_path / "init.pid"
     runtime("create", "--bundle", str(bundle), "--pid-file", str(pid_file), "c1", check=True)
     st = runtime.state("c1")

@@ -241,7 +241,9 @@ class LibvirtVM(VM):
 
 class LibvirtBackend(Backend):
     name = "libvirt"
-    capabilities = frozenset({Capability.PAUSE, Capability.CONSOLE, Capability.NETWORK})
+    capabilities = frozenset(
+        {Capability.PAUSE, Capability.CONSOLE, Capability.NETWORK, Capability.PODS}
+    )
 
     def __init__(self, uri: str | None = None) -> None:
         self._uri = uri

@@ -74,7 +74,14 @@ def clone_enabled() -> bool:
 class QemuBackend(Backend):
     name = "qemu"
     capabilities = frozenset(
-        {Capability.CLONE, Capability.PAUSE, Capability.CONSOLE, Capability.NETWORK}
+        {
+            Capability.CLONE,
+            Capability.PAUSE,
+            Capability.CONSOLE,
+            Capability.NETWORK,
+            Capability.PODS,
+            Capability.HOTPLUG,
+        }
     )
 
     def __init__(self, options: QemuOptions | None = None, clone: bool | None = None) -> None:

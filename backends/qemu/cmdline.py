@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from bonneville.backends.base import VMConfig
+from bonneville.backends.base import HOTPLUG_BLOCK_MIB, HOTPLUG_SLOTS, MAX_MEMORY_MIB, VMConfig
 from bonneville.guest.protocol import PORT_NAME, ROOT_TAG
 
 # Under TCG the translation-block cache may grow to 1 GiB per VM (QEMU's default), and what it
@@ -76,6 +76,11 @@ def _bus(machine: str) -> str:
     return "device" if machine.split(",", 1)[0] == "microvm" else "pci"
 
 
+def max_memory_mib(config: VMConfig) -> int:
+    """The RAM the VM may grow to: MAX_MEMORY_MIB, or its own RAM plus a block if larger."""
+    return max(MAX_MEMORY_MIB, config.memory_mib + HOTPLUG_BLOCK_MIB)
+
+
 def cpu_model(options: QemuOptions) -> str:
     """The ``-cpu`` value: the host's CPU under KVM; under TCG, ``max`` without ERMS.
 
@@ -134,8 +139,14 @@ def build_argv(
         "-m",
         f"{config.memory_mib}M",
         "-smp",
-        str(config.vcpus),
+        f"{config.vcpus}",
     ]
+    if bus == "pci":
+        # Room for a pod that grows: RAM in DIMMs (up to MAX_MEMORY_MIB, nothing allocated
+        # until plugged) and vCPUs up to the host's, added while it runs (machine.py). ACPI
+        # hotplug needs a PC machine: microvm VMs keep their size.
+        argv[argv.index("-m") + 1] += f",slots={HOTPLUG_SLOTS},maxmem={max_memory_mib(config)}M"
+        argv[argv.index("-smp") + 1] += f",maxcpus={max(config.vcpus, config.max_vcpus)}"
     if boot.mode is not BootMode.COLD:
         # share=on: the template's RAM writes go to the file, which then *is* its memory image.
         # share=off: a clone maps that file privately (copy-on-write), leaving it untouched.

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 
 from bonneville.backends import procfs
-from bonneville.backends.base import VM, VMConfig
+from bonneville.backends.base import HOTPLUG_BLOCK_MIB, VM, VMConfig
 from bonneville.backends.qemu import template as templates
 from bonneville.backends.qemu.cmdline import Boot, BootMode, QemuOptions, build_argv
 from bonneville.backends.qemu.qmp import QMPClient
@@ -155,6 +155,7 @@ class QemuVM(VM):
         self._qmp = qmp
         self._start = procfs.start_time(proc.pid)
         self._released = False
+        self._dimms = 0
 
     @property
     def channel(self) -> socket.socket:
@@ -183,6 +184,36 @@ class QemuVM(VM):
 
     def resume(self) -> None:
         self._qmp.execute("cont")
+
+    def add_memory(self, mib: int) -> None:
+        """A DIMM of ``mib`` MiB of anonymous RAM (allocated as the guest touches it); ACPI tells
+        the guest, whose agent onlines it."""
+        if mib <= 0 or mib % HOTPLUG_BLOCK_MIB:
+            raise BackendError(f"memory is added in multiples of {HOTPLUG_BLOCK_MIB} MiB")
+        self._dimms += 1
+        name = f"hp{self._dimms}"
+        self._qmp.execute(
+            "object-add", **{"qom-type": "memory-backend-ram", "id": name, "size": mib << 20}
+        )
+        try:
+            self._qmp.execute("device_add", driver="pc-dimm", id=f"dimm{self._dimms}", memdev=name)
+        except BackendError:
+            with contextlib.suppress(BackendError):
+                self._qmp.execute("object-del", id=name)
+            raise
+
+    def add_vcpus(self, total: int) -> int:
+        slots = self._qmp.execute("query-hotpluggable-cpus") or []
+        present = sum(1 for slot in slots if slot.get("qom-path"))
+        for slot in slots:
+            if present >= total:
+                break
+            if slot.get("qom-path"):
+                continue
+            props = {k: v for k, v in (slot.get("props") or {}).items() if k != "node-id"}
+            self._qmp.execute("device_add", driver=slot["type"], id=f"cpu{present}", **props)
+            present += 1
+        return present
 
     def stop(self, timeout: float = 5.0) -> None:
         if self._released:
@@ -258,6 +289,7 @@ def template_for(
         vcpus=vcpus,
         nics=nics,
         options=options,
+        max_vcpus=os.cpu_count() or 1,
     )
 
 
@@ -271,6 +303,7 @@ def template_spec(config: VMConfig, options: QemuOptions) -> templates.TemplateS
         vcpus=config.vcpus,
         nics=len(config.nics),
         options=options,
+        max_vcpus=config.max_vcpus,
     )
 
 
@@ -282,6 +315,7 @@ def build_template(spec: templates.TemplateSpec, directory: str) -> None:
         container_id=f"template-{os.path.basename(directory).strip('.')[:12]}",
         memory_mib=spec.memory_mib,
         vcpus=spec.vcpus,
+        max_vcpus=spec.max_vcpus,
         share_dir=share,
         run_dir=directory,
         kernel=spec.kernel,

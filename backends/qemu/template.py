@@ -77,6 +77,7 @@ class TemplateSpec:
     vcpus: int
     nics: int
     options: QemuOptions
+    max_vcpus: int = 0
 
     def inputs(self) -> dict[str, Any]:
         return {
@@ -86,6 +87,7 @@ class TemplateSpec:
             "kernel_args": list(self.kernel_args),
             "memory_mib": self.memory_mib,
             "vcpus": self.vcpus,
+            "max_vcpus": max(self.vcpus, self.max_vcpus),
             "nics": self.nics,
             "options": asdict(self.options),
             # The CPU model the VM gets (a default changing in cmdline.py re-keys templates).

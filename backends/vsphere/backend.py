@@ -548,7 +548,9 @@ class VSphereBackend(Backend):
         try:
             inv = resolve(si, cfg)
             iso_path = ensure_iso(inv, iso)
-            disk = media.make_root_disk(config.share_dir, config.run_dir, token)
+            # The VM's one container's tree (the export holds a directory per container).
+            tree = os.path.join(config.share_dir, config.container_id)
+            disk = media.make_root_disk(tree, config.run_dir, token)
             for path in (disk.descriptor, disk.flat):
                 undo.push(f"remove {path}", lambda p=path: _unlink(p))  # type: ignore[misc]
             listener = SerialListener(cfg.listen_host)
