@@ -10,7 +10,7 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 export DEBIAN_FRONTEND=noninteractive
-PACKAGES="python3 python3-venv python3-dev gcc
+PACKAGES="python3 python3-venv python3-dev python3-seccomp gcc
     golang-go golang-github-vmware-govmomi-dev xorriso isolinux syslinux-common
     qemu-system-x86 qemu-utils linux-image-amd64 busybox-static
     kmod cpio xz-utils iproute2 procps ca-certificates tar

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 
 from bonneville.guest import container as containers
-from bonneville.guest import hotplug, protocol
+from bonneville.guest import hotplug, protocol, syscallfilter
 from bonneville.guest.channel import Channel, kernel_options
 from bonneville.guest.common import Refused, Stopwatch, describe, errtext, one_line
 from bonneville.guest.container import Container, Plan, check_id
@@ -275,11 +275,14 @@ class Agent:
         if not isinstance(process, dict):
             raise Refused("create: process must be an object")
         spec = ExecSpec(process, True, self.cap_last)
+        syscallfilter.check(config.get("seccomp"))
+        spec.seccomp = config.get("seccomp")
         plan = Plan(message.get("namespaces"))
         self.mode.prepare_cgroups()
         self.mode.ensure_share()
         watch.lap("share")
         created = Container(container_id, stream, self.mode.cgroup_of(container_id))
+        created.seccomp = spec.seccomp
         containers.create(
             self.mode, created, config, spec, plan, self.containers, self.own_pid_ns, self.log
         )
@@ -335,6 +338,7 @@ class Agent:
         if target.exited or target.prepared is not None or not target.init_pid:
             raise Refused("cannot exec in a container that is not running")
         spec = ExecSpec(message["process"], bool(message.get("stdin")), self.cap_last)
+        spec.seccomp = target.seccomp  # runc applies the container's profile to exec too
         pid, fds = containers.exec_process(self.mode, target, spec, self.own_pid_ns)
         watch.lap("child setup and execve")
         self.track(target, ident, pid, fds, spec.terminal, spec.want_stdin)

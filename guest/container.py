@@ -145,6 +145,7 @@ class Container:
         self.prepared: Prepared | None = None
         self.streams: set[int] = set()  # the streams of its live processes
         self.exec_pids: set[int] = set()  # its exec'd processes (host mode finds them so)
+        self.seccomp: dict[str, Any] | None = None  # its profile, for exec'd processes too
         self.exited = False
         self.removed = False
 

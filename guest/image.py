@@ -80,6 +80,20 @@ KERNEL_MODULES: tuple[str, ...] = (
 # Loaded when the kernel has them, skipped silently otherwise: microvm's virtio transport and
 # the entropy device the backends attach.
 OPTIONAL_KERNEL_MODULES: tuple[str, ...] = ("virtio_mmio", "virtio_rng")
+# Not loaded at boot: the kernel asks busybox's modprobe for them when a container needs one (a
+# privileged container's `brctl addbr`, `ip link add … type veth|dummy|vlan|macvlan`, a tun
+# device, an overlay mount), as a host loads them for runc's containers. modules.dep in the
+# image lists every module it holds.
+ON_DEMAND_KERNEL_MODULES: tuple[str, ...] = (
+    "bridge",
+    "veth",
+    "dummy",
+    "8021q",
+    "macvlan",
+    "ipvlan",
+    "tun",
+    "overlay",
+)
 # Loaded by /init only with `bonneville.root=disk` (the vSphere backend's ext4 root disk on
 # VMware's PVSCSI, as in the QEMU serial test; virtio-blk for QEMU): 9p boots pay nothing for them.
 # ext4 asks the crypto API for "crc32c" (metadata checksums); without modprobe in the guest
@@ -120,6 +134,11 @@ AGENT_BASELINE_IMPORTS: tuple[str, ...] = (
     "encodings.ascii",
     "encodings.latin_1",
 )
+# Compiled modules from Debian packages the agent imports (lazily, so they are named here):
+# libseccomp's bindings (python3-seccomp) compile containers' seccomp profiles. They go into
+# the image beside the bonneville package, with the shared libraries they need.
+DIST_PACKAGES = "/usr/lib/python3/dist-packages"
+GUEST_EXTENSIONS: tuple[str, ...] = ("seccomp",)
 GUEST_PACKAGE = "bonneville.guest"
 GUEST_REQUIRED_FILES = ("__init__.py", "protocol.py")
 AGENT_MODULE = "bonneville.guest.agent"
@@ -532,7 +551,7 @@ def guest_sources(package_dir: str | os.PathLike[str]) -> dict[str, bytes]:
 
 _DISCOVER = r"""
 import sys
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = sys.argv[1].split(":")
 for name in sys.argv[2:]:
     __import__(name)
 out = []
@@ -687,12 +706,33 @@ def compute_key(
         "guest": {n: hashlib.sha256(d).hexdigest() for n, d in sources.items()},
         "modules": [*KERNEL_MODULES, *OPTIONAL_KERNEL_MODULES],
         "disk_modules": list(DISK_KERNEL_MODULES),
+        "on_demand_modules": list(ON_DEMAND_KERNEL_MODULES),
         "imports": list(AGENT_BASELINE_IMPORTS),
+        "extensions": {n: _stat_id(p) for n, p in _extension_files().items()},
         "kernel_args": list(KERNEL_ARGS),
         "compression": COMPRESSION,
     }
     digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
     return digest[:32], inputs
+
+
+def _extension_files() -> dict[str, str]:
+    """GUEST_EXTENSIONS' files (module name → path); ImageError if one is not installed."""
+    try:
+        names = sorted(os.listdir(DIST_PACKAGES))
+    except OSError:
+        names = []
+    found = {}
+    for name in GUEST_EXTENSIONS:
+        matches = [
+            os.path.join(DIST_PACKAGES, n)
+            for n in names
+            if n.startswith(f"{name}.cpython-") and n.endswith(".so")
+        ]
+        if not matches:
+            raise ImageError(f"{name}: no {DIST_PACKAGES}/{name}.*.so (install.sh installs it)")
+        found[name] = matches[-1]
+    return found
 
 
 def _image_for(directory: str, key: str) -> GuestImage:
@@ -914,6 +954,20 @@ def _add_kernel_modules(tree: Tree, kernel: Kernel) -> list[str]:
         tree.file(dest, strip_module_signature(read_module(str(mdir / rel))))
         disk.append("/" + dest)
     tree.file("etc/bonneville/modules-disk", "".join(p + "\n" for p in disk).encode())
+    placed = set(order) | set(resolve_modules(DISK_KERNEL_MODULES, deps, builtin))
+    on_demand = resolve_modules((), deps, builtin, ON_DEMAND_KERNEL_MODULES)
+    for rel in on_demand:
+        if rel not in placed:
+            dest = f"lib/modules/{kernel.release}/{_installed_module_name(rel)}"
+            tree.file(dest, strip_module_signature(read_module(str(mdir / rel))))
+            placed.add(rel)
+    # busybox modprobe's modules.dep: "path: dependency paths", relative to its directory.
+    dep_lines = [
+        f"{_installed_module_name(path)}:"
+        + "".join(f" {_installed_module_name(d)}" for d in requires)
+        for path, requires in (deps[module_name(rel)] for rel in sorted(placed))
+    ]
+    tree.file(f"lib/modules/{kernel.release}/modules.dep", "\n".join(dep_lines).encode() + b"\n")
     return [module_name(p) for p in installed + disk]
 
 
@@ -951,10 +1005,10 @@ def _add_python(tree: Tree, work: Path, package_dir: str) -> list[str]:
     (stage / "bonneville" / "__init__.py").write_bytes(b"")
     for name, data in sources.items():
         (stage / "bonneville" / "guest" / name).write_bytes(data)
-    imports = [f"{GUEST_PACKAGE}.protocol", *AGENT_BASELINE_IMPORTS]
+    imports = [f"{GUEST_PACKAGE}.protocol", *AGENT_BASELINE_IMPORTS, *GUEST_EXTENSIONS]
     if "agent.py" in sources:
         imports.append(AGENT_MODULE)
-    mods = discover_modules(str(stage), imports)
+    mods = discover_modules(f"{stage}:{DIST_PACKAGES}", imports)
 
     stdlib = _stdlib_dir().rstrip("/") + "/"
     stage_prefix = str(stage) + "/"
@@ -972,6 +1026,10 @@ def _add_python(tree: Tree, work: Path, package_dir: str) -> list[str]:
         if origin.startswith(stage_prefix):
             if mod.name.startswith(GUEST_PACKAGE + "."):
                 guest_files.add(os.path.basename(origin))
+            continue
+        if mod.name in GUEST_EXTENSIONS and origin.startswith(DIST_PACKAGES + "/"):
+            extensions.append(origin)
+            tree.file(f"{GUEST_PYTHON_ROOT}/{os.path.basename(origin)}", _read(origin), 0o755)
             continue
         if not origin.startswith(stdlib):
             raise ImageError(f"guest module {mod.name} comes from outside the stdlib: {origin}")

@@ -34,6 +34,7 @@ from bonneville.guest.linux import (
     mount,
 )
 from bonneville.guest.paths import resolve_in_root
+from bonneville.guest.proc import mountinfo
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -164,6 +165,15 @@ def mount_one(root: str, entry: dict[str, Any], log: Log, tree: str | None = Non
         mount(source, target, None, MS_BIND | MS_REC)
         if extra:
             remount_readonly(target, extra)
+        if extra & MS_RDONLY:
+            # Read-only is not recursive: the host's writable mounts beneath the source (which
+            # the guest sees as plain directories) stay writable, each a bind of its own.
+            for rel in entry.get("rwSubmounts") or []:
+                inner = resolve_in_root(target, str(rel))
+                if os.path.isdir(inner) and inner != target:
+                    mount(inner, inner, None, MS_BIND)
+                    flags_now = os.statvfs(inner).f_flag & KEPT_ON_REMOUNT
+                    mount(None, inner, None, MS_BIND | MS_REMOUNT | flags_now)
         if propagation:
             mount(None, target, None, propagation)
         return
@@ -242,30 +252,12 @@ def readonly_path(root: str, path: str) -> None:
     remount_readonly(target)
 
 
-def mount_points() -> list[str]:
-    """Mount points of this mount namespace, as /proc/self/mountinfo lists them."""
-    points = []
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f.read().decode(errors="replace").splitlines():
-            fields = line.split(" ")
-            if len(fields) > 4:
-                # mountinfo escapes space, tab, newline and backslash as octal.
-                points.append(
-                    fields[4]
-                    .replace("\\040", " ")
-                    .replace("\\011", "\t")
-                    .replace("\\012", "\n")
-                    .replace("\\134", "\\")
-                )
-    return points
-
-
 def detach_all_but(keep: str) -> None:
     """Lazily unmount every mount of this (private) namespace but ``/`` and the tree at
     ``keep``: a container's namespace holds only its own tree, none of the agent's mounts (the
     pod's share, /dev, /proc, /run). Parents go first; their submounts go with them."""
     prefix = keep.rstrip("/") + "/"
-    for point in sorted(set(mount_points()), key=lambda p: (p.count("/"), p)):
+    for point in sorted({point for point, _ in mountinfo()}, key=lambda p: (p.count("/"), p)):
         if point == "/" or point == keep or point.startswith(prefix):
             continue
         try:

@@ -45,3 +45,22 @@ def in_sessions(sessions: set[int]) -> list[int]:
         if fields[0] != b"Z" and int(fields[3]) in sessions:
             found.append(int(name))
     return sorted(found)
+
+
+def mountinfo(pid: str = "self") -> list[tuple[str, frozenset[str]]]:
+    """(mount point, per-mount options) of every mount of ``pid``'s mount namespace."""
+    mounts = []
+    with open(f"/proc/{pid}/mountinfo", "rb") as f:
+        for line in f.read().decode(errors="replace").splitlines():
+            fields = line.split(" ")
+            if len(fields) > 5:
+                # mountinfo escapes space, tab, newline and backslash as octal.
+                point = (
+                    fields[4]
+                    .replace("\\040", " ")
+                    .replace("\\011", "\t")
+                    .replace("\\012", "\n")
+                    .replace("\\134", "\\")
+                )
+                mounts.append((point, frozenset(fields[5].split(","))))
+    return mounts

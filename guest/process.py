@@ -15,7 +15,7 @@ import stat
 import struct
 import termios
 
-from bonneville.guest import linux, protocol
+from bonneville.guest import linux, protocol, syscallfilter
 from bonneville.guest.common import ExecError, Refused, errtext, write_file
 
 TYPE_CHECKING = False
@@ -80,6 +80,8 @@ class ExecSpec:
                 for kind in ("bounding", "effective", "permitted", "inheritable", "ambient")
             }
         self.cap_last = cap_last
+        # The container's seccomp profile (linux.seccomp), set by container.py.
+        self.seccomp: dict[str, Any] | None = None
 
     @staticmethod
     def _limit(value: Any) -> int:
@@ -257,6 +259,11 @@ def become(spec: ExecSpec, go: int | None = None) -> None:
     file: nobody will start it; exit)."""
     if spec.oom_score_adj is not None:
         write_file("/proc/self/oom_score_adj", str(spec.oom_score_adj))
+    flt = syscallfilter.build(spec.seccomp) if spec.seccomp else None
+    if flt is not None and not spec.no_new_privileges:
+        # As runc: without no_new_privs only CAP_SYS_ADMIN may load it, so before the
+        # capabilities and the user change (which the profile must then allow).
+        syscallfilter.load(flt)
     chdir_later = False
     try:
         os.chdir(spec.cwd)
@@ -304,6 +311,8 @@ def become(spec: ExecSpec, go: int | None = None) -> None:
     path = look_path(spec.args[0], env)
     if spec.no_new_privileges:
         linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+        if flt is not None:
+            syscallfilter.load(flt)  # as late as can be: only the wait and execve remain
     if go is not None and not os.read(go, 1):
         os._exit(0)
     try:

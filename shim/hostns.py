@@ -27,6 +27,8 @@ MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
 MS_SLAVE = 1 << 19
+# Mount options asking for host-to-container propagation (container-to-host cannot cross a VM).
+PROPAGATING = frozenset({"rslave", "slave", "rshared", "shared"})
 
 _FLAG_OPTIONS = {
     "ro": MS_RDONLY,
@@ -94,8 +96,11 @@ def namespace_id(path: str) -> tuple[int, int]:
 
 
 def make_private_mount_namespace() -> None:
+    """A mount namespace of our own, every mount a slave of the host's: nothing we mount
+    reaches the host, while a host mount under a volume whose config asks for propagation
+    (``rslave``, CRI's HOST_TO_CONTAINER) still reaches the container (shim/monitor/share.py)."""
     unshare(CLONE_NEWNS)
-    mount("none", "/", None, MS_REC | MS_PRIVATE)
+    mount("none", "/", None, MS_REC | MS_SLAVE)
 
 
 def bind(source: str, target: str, recursive: bool, flags: int) -> None:

@@ -208,7 +208,7 @@ class Linux:
     uid_mappings: tuple[dict[str, Any], ...] = ()
     gid_mappings: tuple[dict[str, Any], ...] = ()
     cgroups_path: str = ""
-    # Kept so `create` can warn that it is not applied (features() says seccomp is disabled).
+    # Applied in the guest by the agent (guest/syscallfilter.py).
     seccomp: dict[str, Any] | None = None
 
     def namespace(self, ns_type: str) -> Namespace | None:

@@ -19,7 +19,10 @@ What it claims, and why:
   applies the process's sets inside the guest.
 - ``cgroup``: no cgroup manager (v1, v2, systemd) places the container; resources are mapped to
   the VM's size (memory, vCPUs) instead.
-- ``seccomp``, ``apparmor``, ``selinux``, ``intelRdt``: not implemented, so ``enabled: false``.
+- ``seccomp``: applied by the agent inside the guest through libseccomp (guest/syscallfilter.py),
+  to the container's processes and its exec'd ones: the actions, operators and architectures
+  it compiles.
+- ``apparmor``, ``selinux``, ``intelRdt``: not implemented, so ``enabled: false``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,28 @@ OCI_VERSION_MAX = OCI_VERSION
 
 # Backends this build ships, named in an annotation so callers can tell what will run their VMs.
 BACKENDS = ("qemu",)
+
+# What guest/syscallfilter.py compiles (libseccomp's names).
+SECCOMP_ACTIONS = (
+    "SCMP_ACT_ALLOW",
+    "SCMP_ACT_ERRNO",
+    "SCMP_ACT_KILL",
+    "SCMP_ACT_KILL_PROCESS",
+    "SCMP_ACT_KILL_THREAD",
+    "SCMP_ACT_LOG",
+    "SCMP_ACT_TRACE",
+    "SCMP_ACT_TRAP",
+)
+SECCOMP_OPERATORS = (
+    "SCMP_CMP_EQ",
+    "SCMP_CMP_GE",
+    "SCMP_CMP_GT",
+    "SCMP_CMP_LE",
+    "SCMP_CMP_LT",
+    "SCMP_CMP_MASKED_EQ",
+    "SCMP_CMP_NE",
+)
+SECCOMP_ARCHS = ("SCMP_ARCH_X86", "SCMP_ARCH_X86_64", "SCMP_ARCH_X32")
 
 HOOKS = (
     "prestart",
@@ -140,7 +165,14 @@ def features() -> dict[str, Any]:
                 "systemdUser": False,
                 "rdma": False,
             },
-            "seccomp": {"enabled": False},
+            "seccomp": {
+                "enabled": True,
+                "actions": list(SECCOMP_ACTIONS),
+                "operators": list(SECCOMP_OPERATORS),
+                "archs": list(SECCOMP_ARCHS),
+                "knownFlags": [],
+                "supportedFlags": [],
+            },
             "apparmor": {"enabled": False},
             "selinux": {"enabled": False},
             "intelRdt": {"enabled": False},

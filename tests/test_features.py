@@ -56,9 +56,18 @@ def test_advertised_versions_are_accepted(tmp_path: Path, doc: dict[str, Any], k
     assert load_bundle(str(tmp_path)).spec.oci_version == doc[key]
 
 
-def test_security_features_are_disabled(doc: dict[str, Any]) -> None:
+def test_seccomp_is_applied_and_the_other_security_features_are_not(
+    doc: dict[str, Any],
+) -> None:
+    from bonneville.guest.syscallfilter import ACTIONS, ARCHES, OPERATORS
+
     linux = doc["linux"]
-    assert linux["seccomp"] == {"enabled": False}
+    seccomp = linux["seccomp"]
+    assert seccomp["enabled"] is True
+    # Exactly what the agent compiles.
+    assert set(seccomp["actions"]) == set(ACTIONS)
+    assert set(seccomp["operators"]) == set(OPERATORS)
+    assert set(seccomp["archs"]) <= set(ARCHES)
     assert linux["apparmor"] == {"enabled": False}
     assert linux["selinux"] == {"enabled": False}
     assert linux["intelRdt"] == {"enabled": False}
@@ -124,7 +133,7 @@ def test_annotations(doc: dict[str, Any]) -> None:
 def test_json_serialisable_and_fresh(doc: dict[str, Any]) -> None:
     assert json.loads(json.dumps(doc)) == doc
     doc["hooks"].clear()
-    doc["linux"]["seccomp"]["enabled"] = True
+    doc["linux"]["apparmor"]["enabled"] = True
     again = features()
     assert len(again["hooks"]) == 6
-    assert again["linux"]["seccomp"]["enabled"] is False
+    assert again["linux"]["apparmor"]["enabled"] is False

@@ -4,7 +4,9 @@ where config.json becomes the guest's view of a container."""
 from __future__ import annotations
 
 import logging
+import os
 
+from bonneville.guest.proc import mountinfo
 from bonneville.spec.resources import to_cgroup
 
 TYPE_CHECKING = False
@@ -32,6 +34,25 @@ def cgroup_files(resources: dict[str, Any], vm_memory_mib: int, strict: bool) ->
     )
 
 
+def _bind_source(bundle: Bundle, source: str) -> str:
+    return source if os.path.isabs(source) else os.path.join(bundle.path, source)
+
+
+def _rw_submounts(source: str) -> list[str]:
+    """Paths, relative to ``source``, of the writable mounts beneath it (this namespace's)."""
+    prefix = os.path.realpath(source).rstrip("/") + "/"
+    try:
+        mounts = mountinfo()
+    except OSError:
+        return []
+    found = {
+        point[len(prefix) :]
+        for point, options in mounts
+        if point.startswith(prefix) and "ro" not in options
+    }
+    return sorted(found)
+
+
 def create_request(
     container_id: str,
     stream: int,
@@ -44,15 +65,19 @@ def create_request(
     ``vm_memory_mib`` (a member, whose owner knows the VM) the limits are left out."""
     spec = bundle.spec
     linux = spec.linux
-    mounts = [
-        {
+    mounts = []
+    for m in spec.mounts:
+        entry: dict[str, Any] = {
             "destination": m.destination,
             "type": m.type,
             "source": m.source,
             "options": list(m.options),
         }
-        for m in spec.mounts
-    ]
+        if m.is_bind and "ro" in m.options and "rbind" in m.options and "rro" not in m.options:
+            # Read-only is not recursive (runc's rule): the host's writable mounts under the
+            # source stay writable in the guest too, which sees them as plain directories.
+            entry["rwSubmounts"] = _rw_submounts(_bind_source(bundle, m.source))
+        mounts.append(entry)
     config: dict[str, Any] = {
         "hostname": spec.hostname,
         "domainname": spec.domainname,
@@ -61,6 +86,7 @@ def create_request(
         "maskedPaths": list(linux.masked_paths),
         "readonlyPaths": list(linux.readonly_paths),
         "sysctl": dict(linux.sysctl),
+        "seccomp": linux.seccomp,
     }
     if vm_memory_mib is not None:
         config["resources"] = cgroup_files(raw_resources(bundle), vm_memory_mib, strict=False)

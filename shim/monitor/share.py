@@ -50,6 +50,7 @@ def build_tree(target: str, bundle: Bundle) -> None:
     docstring)."""
     spec = bundle.spec
     hostns.bind(bundle.rootfs, target, recursive=True, flags=0)
+    hostns.mount("none", target, None, hostns.MS_REC | hostns.MS_PRIVATE)
     for m in spec.mounts:
         is_dir = True
         source = ""
@@ -62,6 +63,12 @@ def build_tree(target: str, bundle: Bundle) -> None:
         if m.is_bind:
             flags = hostns.option_flags(m.options)
             hostns.bind(source, mountpoint, "rbind" in m.options, flags | hostns.MS_NOSUID)
+            # runc's default is rprivate; a propagating volume stays a slave of the host's
+            # mount, so what the host mounts under it later shows in the guest over 9p.
+            propagation = (
+                hostns.MS_SLAVE if hostns.PROPAGATING & set(m.options) else (hostns.MS_PRIVATE)
+            )
+            hostns.mount("none", mountpoint, None, hostns.MS_REC | propagation)
     # Device nodes or setuid files a guest creates must be inert on the host.
     flags = hostns.MS_NOSUID | hostns.MS_NODEV
     if spec.root.readonly:
