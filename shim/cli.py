@@ -61,7 +61,11 @@ class _Commands(click.Group):
 @click.option("--log", "log_file", default=None, help="log file (json with --log-format json)")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
 @click.option("--debug", is_flag=True, help="debug logging")
-@click.option("--systemd-cgroup", is_flag=True, help="accepted for runc compatibility")
+@click.option(
+    "--systemd-cgroup",
+    is_flag=True,
+    help="cgroupsPath is slice:prefix:name (a systemd scope, as runc's systemd driver)",
+)
 @click.option("--rootless", default="auto", help="accepted for runc compatibility")
 @click.option("--criu", default="criu", hidden=True)
 @click.option(
@@ -94,7 +98,7 @@ def cli(
     if libvirt_uri:
         # The flag outranks $BONNEVILLE_LIBVIRT_URI; the monitor inherits it from here.
         os.environ["BONNEVILLE_LIBVIRT_URI"] = libvirt_uri
-    ctx.obj = Context(store=Store(root), backend=backend)
+    ctx.obj = Context(store=Store(root), backend=backend, systemd_cgroup=systemd_cgroup)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -54,6 +54,9 @@ class MonitorConfig:
     owner_socket: str = ""
     # The guest namespaces of the container (shim/pod.py: "new", "vm" or "container:<id>").
     namespaces: dict[str, str] = field(default_factory=dict)
+    # The container's host cgroup (shim/cgroups.py), which create has already moved us into:
+    # an owner whose VM grows raises its limits (cgroups.raise_vm_limits).
+    cgroup: dict[str, str] = field(default_factory=dict)
 
     def to_message(self) -> dict[str, Any]:
         return {
@@ -68,6 +71,7 @@ class MonitorConfig:
             "owner": self.owner,
             "owner_socket": self.owner_socket,
             "namespaces": self.namespaces,
+            "cgroup": self.cgroup,
             # The monitor was forked before the CLI read its flags (--libvirt-uri sets one).
             "environ": dict(os.environ),
         }
@@ -89,6 +93,7 @@ class MonitorConfig:
             owner=str(message.get("owner") or ""),
             owner_socket=str(message.get("owner_socket") or ""),
             namespaces={str(k): str(v) for k, v in (message.get("namespaces") or {}).items()},
+            cgroup={str(k): str(v) for k, v in (message.get("cgroup") or {}).items()},
         )
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from bonneville.backends import procfs
-from bonneville.shim import hooks, hostns, ids, state, unixsock
+from bonneville.shim import cgroups, hooks, hostns, ids, state, unixsock
 from bonneville.shim.control import Op, Request
 from bonneville.shim.state import ContainerState, Store
 from bonneville.shim.status import Status
@@ -42,6 +42,7 @@ KILL_TIMEOUT = 5.0  # for the guest to confirm a SIGKILL before its monitor is k
 class Context:
     store: Store
     backend: str | None = None  # --backend / BONNEVILLE_BACKEND; only create uses it
+    systemd_cgroup: bool = False  # --systemd-cgroup: cgroupsPath is slice:prefix:name
 
     def backend_for_create(self) -> str:
         """--backend, else $BONNEVILLE_BACKEND, else the config file's, else qemu."""
@@ -201,6 +202,7 @@ def _create(
             " or --network none)"
         )
 
+    host_cgroup = _place_cgroup(ctx, container_id, spec)
     ctx.store.create_dir(container_id)
     st = ContainerState(
         id=container_id,
@@ -214,6 +216,9 @@ def _create(
         start_container_hooks=_raw_hooks(bundle, "startContainer"),
         poststart_hooks=_raw_hooks(bundle, "poststart"),
         poststop_hooks=_raw_hooks(bundle, "poststop"),
+        cgroup=dict(host_cgroup.dirs) if host_cgroup else {},
+        cgroup_unit=host_cgroup.unit if host_cgroup else "",
+        vm_vcpus=spec.linux.resources.vcpus(os.cpu_count() or 1) if owner is None else 0,
     )
     monitor_pid = 0
     sync: socket.socket | None = None
@@ -224,6 +229,11 @@ def _create(
             st.pid = monitor_pid
             st.pid_start = procfs.start_time(monitor_pid)
             ctx.store.save(st)
+            if host_cgroup is not None:
+                # Before the hand-over: the monitor launches the VM as soon as it has it, and
+                # QEMU must be born in the cgroup (its memory is charged where it is allocated).
+                _enter_cgroup(st, host_cgroup, bundle, monitor_pid, member=owner is not None)
+                ctx.store.save(st)
             config = launch.MonitorConfig(
                 container_id=container_id,
                 state_dir=ctx.store.path(container_id),
@@ -235,6 +245,7 @@ def _create(
                 owner=owner.id if owner is not None else "",
                 owner_socket=ctx.store.path(owner.id, state.SOCKET_FILE) if owner else "",
                 namespaces=placement.namespaces,
+                cgroup=dict(st.cgroup),
             )
             launch.hand_over(sync, config)
             deadline = time.monotonic() + CREATE_TIMEOUT
@@ -268,6 +279,52 @@ def _create(
     return st
 
 
+def _place_cgroup(ctx: Context, container_id: str, spec: Any) -> cgroups.Placement | None:
+    """Where the container's host cgroup goes (runc's rules); None where no cgroup hierarchy
+    is mounted. A cgroupsPath runc refuses is refused here, before anything exists."""
+    host = cgroups.Host.read()
+    if host.mode == "none":
+        return None
+    return cgroups.place(host, spec.linux.cgroups_path, container_id, ctx.systemd_cgroup)
+
+
+def _enter_cgroup(
+    st: ContainerState, placement: cgroups.Placement, bundle: Bundle, pid: int, member: bool
+) -> None:
+    """Make the container's cgroup, bound it (shim/cgroups.py, the VM's size or a member's
+    relay) and move the monitor into it. runc's default place (no cgroupsPath) is a courtesy:
+    where it cannot be made (a read-only /sys/fs/cgroup), the container runs without it."""
+    spec = bundle.spec
+    raw = (bundle.raw.get("linux") or {}).get("resources") or {}
+    raw = raw if isinstance(raw, dict) else {}
+    if member:
+        limits = cgroups.member_limits(raw)
+    else:
+        limits = cgroups.vm_limits(
+            spec.linux.resources.memory_mib(),
+            st.vm_vcpus,
+            raw,
+            shares=not _is_pod_sandbox(spec.annotations),
+        )
+    try:
+        cgroups.create(placement, cgroups.Host.read(), pid)
+        cgroups.apply(placement.dirs, limits)
+    except BonnevilleError as exc:
+        if spec.linux.cgroups_path:
+            raise
+        log.warning("container %s runs without a cgroup of its own: %s", st.id, exc)
+        cgroups.remove(st.cgroup, st.cgroup_unit, timeout=0)
+        st.cgroup, st.cgroup_unit = {}, ""
+
+
+def _is_pod_sandbox(annotations: dict[str, str]) -> bool:
+    """A CRI sandbox: its config's CPU weight is the pause process's (2 shares), but its
+    cgroup holds the whole pod's VM, so the host cgroup keeps the default weight."""
+    from bonneville.shim.pod import CRI_TYPE, CRIO_TYPE
+
+    return "sandbox" in (annotations.get(CRI_TYPE), annotations.get(CRIO_TYPE))
+
+
 def _raw_hooks(bundle: Bundle, kind: str) -> list[dict[str, Any]]:
     return list((bundle.raw.get("hooks") or {}).get(kind) or [])
 
@@ -293,6 +350,7 @@ def _abort_create(ctx: Context, st: ContainerState, monitor_pid: int) -> None:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(monitor_pid, 0)
     _destroy_vm(ctx, st)
+    cgroups.remove(st.cgroup, st.cgroup_unit)
     ctx.store.remove(st.id)
 
 
@@ -518,6 +576,8 @@ def _delete_locked(ctx: Context, container_id: str, force: bool) -> None:
     if status is Status.CREATING and st.creator_pid:
         _forward(st.creator_pid, signal.SIGKILL)
     _stop_monitor(ctx, st)
+    # Also after a crash of the monitor or of create: the state names the cgroup.
+    cgroups.remove(st.cgroup, st.cgroup_unit)
     hooks.run_hooks_warn("poststop", st.poststop_hooks, _hook_state(st, Status.STOPPED))
     ctx.store.remove(container_id)
 
@@ -602,6 +662,7 @@ def exec_process(
         status = refresh(ctx, st)
         if status is not Status.RUNNING:
             raise InvalidState(f"cannot exec in a {status.value} container", status.value)
+    _enter_cgroup_as_proxy(st)
     proxy = ExecProxy(control_socket(ctx, st), process, console_socket, st.id if st.sandbox else "")
     if not detach:
         proxy.start()
@@ -636,6 +697,22 @@ def exec_process(
     if pid_file:
         write_pid_file(pid_file, pid)
     return 0
+
+
+def _enter_cgroup_as_proxy(st: ContainerState) -> None:
+    """Join the container's cgroup, as runc's exec'd process does: the proxy is the host
+    process that stands for the guest one (with --detach, the child forked from here). It
+    offers itself first to the host's OOM killer, so an exec storm that fills the cgroup costs
+    proxies, not the VM."""
+    if not st.cgroup:
+        return
+    try:
+        cgroups.join(st.cgroup, os.getpid())
+    except BonnevilleError as exc:
+        log.warning("exec in %s: the proxy stays outside its cgroup: %s", st.id, exc)
+        return
+    with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as f:
+        f.write("1000")
 
 
 def process_for_exec(
@@ -702,6 +779,38 @@ def update(ctx: Context, container_id: str, resources: dict[str, Any]) -> None:
             # The agent that writes the limits is frozen with the rest of the VM.
             raise InvalidState("container is paused: resume it to update its limits", "paused")
         _monitor_call(ctx, st, Request(Op.UPDATE, resources=resources))
+        _update_host_cgroup(ctx, st, resources)
+
+
+def _update_host_cgroup(ctx: Context, st: ContainerState, resources: dict[str, Any]) -> None:
+    """The host's bound on the VM follows the guest's new limits: CPU bandwidth is the new
+    quota (at most the vCPUs) plus QEMU's allowance, the weight the new shares. Memory and
+    pids stay: the VM's RAM is fixed at boot (a guest limit moves only below it) and guest
+    processes are not host tasks. A pod member's cgroup holds only its relay; a pod's owner
+    with members keeps the bound its grown VM was given."""
+    if not st.cgroup or st.sandbox:
+        return
+    quota, period, shares = cgroups.cpu_fields(resources)
+    host_quota: int | None = None
+    host_period = cgroups.DEFAULT_CPU_PERIOD_US
+    if (quota is not None or period is not None) and not _has_members(ctx, st.id):
+        host_quota, host_period = cgroups.cpu_quota(st.vm_vcpus, quota, period)
+    limits = cgroups.Limits(
+        cpu_quota=host_quota,
+        cpu_period=host_period,
+        cpu_shares=shares if shares and not _is_pod_sandbox(st.annotations) else None,
+    )
+    cgroups.apply(st.cgroup, limits)
+
+
+def _has_members(ctx: Context, owner: str) -> bool:
+    """Whether a container of this root runs in ``owner``'s VM."""
+    for container_id in ctx.store.ids():
+        with contextlib.suppress(BonnevilleError):
+            other = ctx.store.load(container_id)
+            if other.sandbox == owner and refresh(ctx, other) is not Status.STOPPED:
+                return True
+    return False
 
 
 def stats(ctx: Context, container_id: str) -> dict[str, Any]:
