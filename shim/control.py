@@ -22,6 +22,11 @@ if TYPE_CHECKING:
     from typing import Any
 
 
+# A container whose VM (or the pod's owner) died under it ends as if killed by SIGKILL (runc's
+# status for a killed container).
+VM_KILLED_STATUS = 137
+
+
 class Op(enum.StrEnum):
     START = "start"
     SIGNAL = "signal"

@@ -25,7 +25,7 @@ import traceback
 
 from bonneville.guest import protocol
 from bonneville.shim import console, hostns, state, unixsock
-from bonneville.shim.control import Op, Phase, Request, phase
+from bonneville.shim.control import VM_KILLED_STATUS, Op, Phase, Request, phase
 from bonneville.shim.monitor import daemon, share
 from bonneville.spec.errors import BonnevilleError
 
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bonneville.monitor")
 
-VM_KILLED_STATUS = 137
 JOIN_TIMEOUT = 120.0  # the owner creates the container in its VM meanwhile (a hang guard)
 TREE_DIR = "tree"
 

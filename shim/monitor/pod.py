@@ -27,10 +27,11 @@ from bonneville.backends.base import Capability
 from bonneville.guest import protocol
 from bonneville.shim import console, network, state, unixsock
 from bonneville.shim.agent_client import AgentConnection
-from bonneville.shim.control import Op, Phase, Request, phase
+from bonneville.shim.control import VM_KILLED_STATUS, Phase, phase
 from bonneville.shim.monitor import daemon, guestspec, share, sizing
+from bonneville.shim.monitor.requests import Requests
+from bonneville.shim.monitor.sessions import Members, PodContainer, Session
 from bonneville.shim.monitor.vm import PodVM
-from bonneville.shim.signals import IGNORED_BY_DEFAULT
 from bonneville.spec.errors import BonnevilleError
 
 TYPE_CHECKING = False
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("bonneville.monitor")
 
 AGENT_CALL_TIMEOUT = 60.0
-VM_KILLED_STATUS = 137  # the VM died under the container: report it as SIGKILL, like runc
 # The agent's log lines reach monitor.log at most this fast, each cut to this length.
 AGENT_LOG_LINES = 100
 AGENT_LOG_WINDOW = 10.0
@@ -53,40 +53,6 @@ AGENT_LOG_LINE_CHARS = 2000
 
 class SetupFailed(BonnevilleError):
     pass
-
-
-class Session:
-    """A connection that carries frames for one guest process: an exec proxy's, or a pod
-    member's monitor (its container's init). Frames as with the agent (docs/protocol.md)."""
-
-    def __init__(self, conn: socket.socket, stream: int, container: str, member: bool) -> None:
-        self.conn = conn
-        self.stream = stream
-        self.container = container
-        self.member = member
-        self.decoder = protocol.Decoder()
-
-    def send(self, frame: bytes) -> None:
-        with contextlib.suppress(OSError):
-            self.conn.sendall(frame)
-
-    def control(self, message: dict[str, Any]) -> None:
-        self.send(protocol.encode_control(message))
-
-
-class PodContainer:
-    """A container of the pod as the owner sees it."""
-
-    def __init__(self, container_id: str, stream: int, process: dict[str, Any]) -> None:
-        self.id = container_id
-        self.stream = stream
-        self.process = process
-        self.terminal = bool(process.get("terminal"))
-        self.demand = sizing.Demand()  # what its limits ask of the VM (a member's)
-        self.started = False
-        self.paused = False
-        self.exited = False
-        self.session: Session | None = None  # a member's; None for the owner's own
 
 
 class Pod:
@@ -112,6 +78,8 @@ class Pod:
         self.out_fds = {protocol.STDOUT: 1, protocol.STDERR: 2}
         self.next_stream = protocol.INIT_STREAM + 1
         self.sessions: dict[int, Session] = {}
+        self.requests = Requests(self)
+        self.members = Members(self)
         # What the VM holds for its own container (its size at launch), before members'.
         self.base_demand = sizing.Demand()
         self.created_early = False  # the own container was created during the hooks
@@ -264,7 +232,7 @@ class Pod:
                 if what == "agent":
                     self._on_agent()
                 elif what == "control":
-                    self._on_control()
+                    self.requests.on_control()
                 elif what == "signal":
                     self._on_signals()
                 elif what == "vm":
@@ -274,9 +242,9 @@ class Pod:
                 elif what == "stdin":
                     self._on_stdin()
                 elif isinstance(what, tuple) and what[0] == "client":
-                    self._on_client(key.fileobj)  # type: ignore[arg-type]
+                    self.requests.on_client(key.fileobj)  # type: ignore[arg-type]
                 elif isinstance(what, Session):
-                    self._on_session(what)
+                    self.members.on_session(what)
                 if self.exit_status is not None:
                     break
         self._teardown()
@@ -363,7 +331,7 @@ class Pod:
                 member.exited = True
         session.control({"op": "exit", "status": status, "signal": signum})
         if not session.member:
-            self._end_session(session, kill=False)
+            self.members.end_session(session, kill=False)
         # A member's monitor closes its side once it recorded the exit: _on_session then
         # removes the container from the VM.
 
@@ -457,407 +425,10 @@ class Pod:
             if signum == signal.SIGHUP and self.own.terminal:
                 # The console's other end closed; the guest's pty hangs up on its own.
                 continue
-            self._signal(self.own, signum, False, lambda _r: None)
+            self.requests.signal(self.own, signum, False, lambda _r: None)
 
     # ---- control socket -----------------------------------------------------------------------
 
-    def _on_control(self) -> None:
-        assert self.control is not None
-        try:
-            conn, _ = self.control.accept()
-        except OSError:
-            return
-        conn.setblocking(True)
-        conn.settimeout(5)
-        self.selector.register(conn, selectors.EVENT_READ, ("client",))
-
-    def _on_client(self, conn: socket.socket) -> None:
-        self.selector.unregister(conn)
-        fds: list[int] = []
-        try:
-            line, fds = _read_request(conn)
-            request = Request.decode(json.loads(line)) if line else None
-        except (OSError, ValueError, BonnevilleError) as exc:
-            for fd in fds:
-                os.close(fd)
-            if not isinstance(exc, OSError):
-                with contextlib.suppress(OSError):
-                    conn.sendall(json.dumps({"ok": False, "error": str(exc)}).encode() + b"\n")
-            conn.close()
-            return
-        if request is None:
-            conn.close()
-            return
-
-        def reply(message: dict[str, Any]) -> None:
-            with contextlib.suppress(OSError):
-                conn.sendall(json.dumps(message).encode() + b"\n")
-            conn.close()
-
-        try:
-            if request.op is Op.EXEC:
-                self._exec(request, conn)
-            elif request.op is Op.JOIN:
-                self._join(request, conn, fds)
-            else:
-                self._dispatch(request, reply)
-        except Exception as exc:
-            if not isinstance(exc, BonnevilleError):
-                log.error("request %s failed: %s", request, traceback.format_exc())
-            error = str(exc) if isinstance(exc, BonnevilleError) else f"{type(exc).__name__}: {exc}"
-            if request.op is Op.EXEC:
-                _refuse_exec(conn, error)  # an exec proxy reads frames
-            else:
-                reply({"ok": False, "error": error})
-        finally:
-            for fd in fds:
-                os.close(fd)
-
-    def _container(self, request: Request) -> PodContainer:
-        found = self.containers.get(request.container or self.own.id)
-        if found is None:
-            raise BonnevilleError(f"container {request.container} is not in this pod")
-        return found
-
-    def _dispatch(self, request: Request, reply: Reply) -> None:
-        target = self._container(request)
-        op = request.op
-        if op is Op.START:
-            self._start(target, reply)
-        elif op is Op.SIGNAL:
-            self._signal(target, request.signal, request.all, reply)
-        elif op is Op.DESTROY:
-            if target is self.own:
-                status = self.exit_status if self.exit_status is not None else VM_KILLED_STATUS
-                self._finish(status)
-                reply({"ok": True})
-            else:
-                self._end_member(target, VM_KILLED_STATUS, None)
-                reply({"ok": True})
-        elif op in (Op.PAUSE, Op.RESUME):
-            self._pause(target, op is Op.PAUSE, reply)
-        elif op is Op.PS:
-            self.agent.request("ps", reply, container=target.id)
-        elif op is Op.UPDATE:
-            if request.resources is None:
-                raise BonnevilleError("update: resources must be a JSON object")
-            files = guestspec.cgroup_files(request.resources, self.vm.memory_mib, strict=True)
-            self.agent.request("update", reply, container=target.id, resources=files)
-        elif op is Op.STATS:
-            self.agent.request("stats", reply, container=target.id)
-        else:
-            reply({"ok": False, "error": f"unknown request {op.value!r}"})
-
-    def _pause(self, target: PodContainer, pause: bool, reply: Reply) -> None:
-        vm = self.vm.vm
-        assert vm is not None
-        alone = len(self.containers) == 1
-        if target is self.own and alone and Capability.PAUSE in self.vm.backend.capabilities:
-            # A container alone in its VM: freeze the whole VM (no vCPU time at all).
-            if pause:
-                vm.pause()
-            else:
-                vm.resume()
-            target.paused = pause
-            reply({"ok": True})
-            return
-
-        def done(result: dict[str, Any]) -> None:
-            if result.get("ok"):
-                target.paused = pause
-            reply(result)
-
-        self.agent.request("pause" if pause else "resume", done, container=target.id)
-
-    def _start(self, target: PodContainer, reply: Reply) -> None:
-        if target.started:
-            reply({"ok": False, "error": "container already started"})
-            return
-        self.timeline.mark(f"start {target.id} requested")
-
-        def started(result: dict[str, Any]) -> None:
-            if result.get("ok"):
-                self.timeline.mark(
-                    f"{target.id}'s process runs (in the guest: {daemon.laps(result)})"
-                )
-                target.started = True
-                if target is self.own:
-                    self._start_stdin()
-                    self._send_window_size()
-                elif target.session is not None:
-                    target.session.control({"op": "started", "pid": result.get("pid")})
-                reply({"ok": True, "pid": result.get("pid")})
-                return
-            # runc: a failed start leaves the container stopped, and so does ours by the time
-            # `start` hears: the answer waits for the container's end.
-            error = result.get("error", "exec failed")
-            if target is self.own:
-                self.after_teardown.append(lambda: reply({"ok": False, "error": error}))
-                self._finish(1)
-            else:
-                self._end_member(target, 1, None)
-                reply({"ok": False, "error": error})
-
-        self.agent.request("start", started, container=target.id)
-
-    def _signal(self, target: PodContainer, signum: int, every: bool, reply: Reply) -> None:
-        if not target.started:
-            if signum in IGNORED_BY_DEFAULT:
-                reply({"ok": True})
-                return
-            # The process never ran: the signal's default action ends the container.
-            if target is self.own:
-                self._finish(128 + signum, signum)
-            else:
-                self._end_member(target, 128 + signum, signum)
-            reply({"ok": True})
-            return
-        if target.paused and signum == signal.SIGKILL:
-            # As runc thaws a frozen cgroup for SIGKILL: the processes must run to die.
-            self._pause(target, False, lambda _r: None)
-        fields = {"container": target.id, "signal": signum, "all": every, "id": target.stream}
-        if target.paused:
-            # A paused guest cannot answer: the signal waits and is delivered on resume, as a
-            # frozen process gets it when thawed (runc's kill returns at once too).
-            self.agent.request("signal", lambda _r: None, **fields)
-            reply({"ok": True})
-            return
-        self.agent.request("signal", reply, **fields)
-
     # ---- pod members --------------------------------------------------------------------------
 
-    def _join(self, request: Request, conn: socket.socket, fds: list[int]) -> None:
-        """A member's monitor brings its container: attach its tree, create it in the VM; the
-        connection then carries its frames (its init's stdio, exit, signals, resizes)."""
-        join = request.join or {}
-        member_id = request.container
-        process = join.get("process")
-        if not member_id or member_id in self.containers:
-            raise BonnevilleError(f"container {member_id!r} is already in this pod")
-        if len(fds) != 1:
-            raise BonnevilleError("join: the container's root must come with the request")
-        if not isinstance(process, dict):
-            raise BonnevilleError("join: process must be a JSON object")
-        if self.exit_status is not None:
-            raise BonnevilleError("the pod's sandbox container has stopped")
-        resources = join.get("resources") or {}
-        namespaces = join.get("namespaces") or {}
-        config = join.get("config") or {}
-        if not isinstance(resources, dict) or not isinstance(namespaces, dict):
-            raise BonnevilleError("join: malformed request")
-        if not isinstance(config, dict):
-            raise BonnevilleError("join: malformed request")
-        wanted = sizing.demand(resources)
-        grow = sizing.growth(
-            self.base_demand,
-            [*(m.demand for m in self.containers.values() if m is not self.own), wanted],
-            self.vm.memory_mib,
-            self.vm.vcpus,
-            self.vm.max_vcpus,
-        )
-        share.attach(self.export, member_id, fds[0])
-        stream = self._new_stream()
-        member = PodContainer(member_id, stream, process)
-        member.demand = wanted
-        session = Session(conn, stream, member_id, member=True)
-        member.session = session
-
-        def refuse(result: dict[str, Any]) -> None:
-            share.detach(self.export, member_id)
-            with contextlib.suppress(OSError):
-                conn.sendall(json.dumps(result).encode() + b"\n")
-            conn.close()
-
-        def create(_grown: dict[str, Any] | None = None) -> None:
-            if _grown is not None and not _grown.get("ok"):
-                refuse({"ok": False, "error": f"the pod's VM did not grow: {_grown.get('error')}"})
-                return
-            config["resources"] = guestspec.cgroup_files(
-                resources, self.vm.memory_mib, strict=False
-            )
-            self.agent.request(
-                "create",
-                created,
-                container=member_id,
-                stream=stream,
-                config=config,
-                namespaces=namespaces,
-                process=process,
-            )
-
-        def created(result: dict[str, Any]) -> None:
-            if not result.get("ok"):
-                refuse(result)
-                return
-            self.containers[member_id] = member
-            self.sessions[stream] = session
-            with contextlib.suppress(OSError):
-                conn.sendall(json.dumps({"ok": True, "stream": stream}).encode() + b"\n")
-            conn.setblocking(True)
-            self.selector.register(conn, selectors.EVENT_READ, session)
-            log.info("container %s joined the pod (stream %d)", member_id, stream)
-
-        if grow.add_memory_mib or grow.vcpus > self.vm.vcpus:
-            try:
-                self.vm.grow(grow.add_memory_mib, grow.vcpus)
-            except BonnevilleError as exc:
-                share.detach(self.export, member_id)
-                raise BonnevilleError(
-                    f"container {member_id} needs {wanted.memory_mib} MiB and {wanted.vcpus}"
-                    f" vCPUs in a pod VM of {self.vm.memory_mib} MiB and {self.vm.vcpus}: {exc}"
-                ) from exc
-            self.agent.request(
-                "online", create, memory_mib=grow.add_memory_mib, vcpus=self.vm.vcpus
-            )
-        else:
-            create()
-
-    def _end_member(self, member: PodContainer, status: int, signum: int | None) -> None:
-        """End a member's container: out of the VM, its monitor told its status."""
-        member.exited = True
-        session = member.session
-        if session is not None:
-            session.control({"op": "exit", "status": status, "signal": signum})
-            self._remove_member(member)
-
-    def _remove_member(self, member: PodContainer) -> None:
-        """Take a member out of the VM and the share (its monitor is gone or told)."""
-        session = member.session
-        member.session = None
-        if session is not None:
-            self.sessions.pop(session.stream, None)
-            with contextlib.suppress(KeyError, ValueError):
-                self.selector.unregister(session.conn)
-            session.conn.close()
-        self.containers.pop(member.id, None)
-
-        def removed(result: dict[str, Any]) -> None:
-            if not result.get("ok"):
-                log.warning("removing %s from the VM: %s", member.id, result.get("error"))
-            share.detach(self.export, member.id)
-
-        self.agent.request("remove", removed, container=member.id)
-
     # ---- exec sessions: an exec proxy process per guest process -------------------------------
-
-    def _new_stream(self) -> int:
-        for _ in range(0xFFFF):
-            stream = self.next_stream
-            self.next_stream = self.next_stream + 1 if self.next_stream < 0xFFFF else 2
-            in_use = stream in self.sessions or any(
-                c.stream == stream for c in self.containers.values()
-            )
-            if not in_use:
-                return stream
-        raise BonnevilleError("too many processes in the pod")
-
-    def _exec(self, request: Request, conn: socket.socket) -> None:
-        """Start a process in a running container; ``conn`` then carries its frames."""
-        target = self._container(request)
-        if not target.started or target.exited:
-            _refuse_exec(conn, "cannot exec in a stopped container")
-            return
-        session = Session(conn, self._new_stream(), target.id, member=False)
-
-        def started(result: dict[str, Any]) -> None:
-            if result.get("ok"):
-                self.sessions[session.stream] = session
-                session.control({"op": "started", "pid": result.get("pid")})
-                conn.setblocking(True)
-                self.selector.register(conn, selectors.EVENT_READ, session)
-            else:
-                session.control({"op": "error", "error": result.get("error")})
-                conn.close()
-
-        self.agent.request(
-            "exec",
-            started,
-            container=target.id,
-            id=session.stream,
-            process=request.process or {},
-            stdin=True,
-        )
-
-    def _on_session(self, session: Session) -> None:
-        try:
-            data = session.conn.recv(1 << 16)
-            frames = session.decoder.feed(data) if data else []
-        except (OSError, protocol.ProtocolError):
-            data, frames = b"", []
-        if not data:
-            if session.member:
-                # The member's monitor is gone (it recorded its container's exit, or it was
-                # killed): its container leaves the VM.
-                member = self.containers.get(session.container)
-                if member is not None:
-                    self._remove_member(member)
-                else:
-                    self._end_session(session, kill=True)
-            else:
-                # The proxy went away before its process ended: the process goes too (runc's
-                # exec'd process would lose its stdio and its waiter the same way).
-                self._end_session(session, kill=True)
-            return
-        for ftype, _, payload in frames:
-            if ftype == protocol.STDIN:
-                self.agent.send_data(protocol.STDIN, session.stream, payload)
-            elif ftype == protocol.CONTROL:
-                message = protocol.decode_control(payload)
-                op = message.get("op")
-                if op == "signal":
-                    self.agent.request(
-                        "signal",
-                        lambda _r: None,
-                        container=session.container,
-                        id=session.stream,
-                        signal=int(message.get("signal", signal.SIGTERM)),
-                        all=False,
-                    )
-                elif op == "resize":
-                    self.agent.request(
-                        "resize",
-                        lambda _r: None,
-                        id=session.stream,
-                        rows=int(message.get("rows", 0)),
-                        cols=int(message.get("cols", 0)),
-                    )
-
-    def _end_session(self, session: Session, kill: bool) -> None:
-        self.sessions.pop(session.stream, None)
-        if kill:
-            with contextlib.suppress(BonnevilleError):
-                self.agent.request(
-                    "signal",
-                    lambda _r: None,
-                    container=session.container,
-                    id=session.stream,
-                    signal=signal.SIGKILL,
-                    all=False,
-                )
-        with contextlib.suppress(KeyError, ValueError):
-            self.selector.unregister(session.conn)
-        session.conn.close()
-
-
-def _read_request(conn: socket.socket) -> tuple[bytes | None, list[int]]:
-    """One request line, and the descriptors that came with it (a member's root)."""
-    buf = bytearray()
-    fds: list[int] = []
-    while not buf.endswith(b"\n"):
-        data, new_fds, _, _ = socket.recv_fds(conn, 65536, 4)
-        fds += new_fds
-        if not data:
-            return (bytes(buf) if buf else None), fds
-        buf += data
-        if len(buf) > unixsock.LINE_LIMIT:
-            for fd in fds:
-                os.close(fd)
-            raise BonnevilleError("control message too large")
-    return bytes(buf), fds
-
-
-def _refuse_exec(conn: socket.socket, error: str) -> None:
-    """An exec proxy's request refused: one ``error`` frame, then the end."""
-    with contextlib.suppress(OSError):
-        conn.sendall(protocol.encode_control({"op": "error", "error": error}))
-    conn.close()
