@@ -1,64 +1,98 @@
-"""Fixtures shared by tests/ (unit, fake backend) and integration/ (real VMs and daemons)."""
+"""Fixtures shared by tests/ (unit, fake backend) and integration/ (real VMs and daemons), and the
+session's set-up: this checkout's `bonneville` first on PATH, skips made failures on request.
+The helpers behind them are in tests/support.py."""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import shutil
-import subprocess
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-BUSYBOX = "/bin/busybox"
+from tests.support import (
+    CHECKOUT,
+    LINKS_AT_START,
+    Runtime,
+    default_config,
+    leftover_processes,
+    make_busybox_rootfs,
+    remove_checkout_launcher,
+    use_checkout_launcher,
+    write_bundle,
+)
 
 
-def make_busybox_rootfs(rootfs: Path) -> Path:
-    """A minimal container root made from Debian's busybox-static (no registry needed)."""
-    for d in ("bin", "sbin", "etc", "tmp", "proc", "sys", "dev", "root", "home", "var", "run"):
-        (rootfs / d).mkdir(parents=True, exist_ok=True)
-    os.chmod(rootfs / "tmp", 0o1777)
-    shutil.copy2(BUSYBOX, rootfs / "bin" / "busybox")
-    applets = subprocess.run(
-        [BUSYBOX, "--list"], check=True, capture_output=True, text=True
-    ).stdout.split()
-    for applet in applets:
-        link = rootfs / "bin" / applet
-        if not link.exists():
-            link.symlink_to("busybox")
-    (rootfs / "etc" / "passwd").write_text(
-        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fail-on-skip",
+        action="store_true",
+        help="a skipped test fails, unless marked may_skip (test.sh: everything install.sh "
+        "installs is there, so a skip means a test that did not run)",
     )
-    (rootfs / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
-    return rootfs
 
 
-def default_config(args: list[str], terminal: bool = False) -> dict[str, object]:
-    """The config.json `bonneville spec` would write, with the given args and a writable root."""
-    from bonneville.spec.defaults import default_spec
-
-    config = default_spec()
-    process = config["process"]
-    assert isinstance(process, dict)
-    process["args"] = args
-    process["terminal"] = terminal
-    # runc's default root is read-only; tests write into it and check from the host.
-    config["root"] = {"path": "rootfs", "readonly": False}
-    return config
+def pytest_configure(config: pytest.Config) -> None:
+    # Before any fixture or test module: every CLI call, dockerd's and containerd's runtime
+    # path and the Pythons the tests start get this checkout's code, not the installed one's.
+    use_checkout_launcher()
 
 
-def write_bundle(bundle: Path, config: dict[str, object], rootfs: Path | None = None) -> Path:
-    bundle.mkdir(parents=True, exist_ok=True)
-    if rootfs is None:
-        make_busybox_rootfs(bundle / "rootfs")
-    elif rootfs != bundle / "rootfs":
-        (bundle / "rootfs").symlink_to(rootfs)
-    (bundle / "config.json").write_text(json.dumps(config, indent=2))
-    return bundle
+def pytest_unconfigure(config: pytest.Config) -> None:
+    remove_checkout_launcher()
+
+
+def pytest_report_header() -> list[str]:
+    lines = [f"bonneville: {use_checkout_launcher()} (the checkout {CHECKOUT})"]
+    if LINKS_AT_START:
+        left = " ".join(sorted(LINKS_AT_START))
+        lines.append(f"host links left by an earlier run (ignored): {left}")
+    return lines
+
+
+def _no_skip_allowed(config: pytest.Config, item: pytest.Item | None = None) -> bool:
+    if not config.getoption("fail_on_skip"):
+        return False
+    return item is None or item.get_closest_marker("may_skip") is None
+
+
+def _skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple):  # (path, line, "Skipped: reason")
+        return str(longrepr[2])
+    return str(longrepr)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]
+    if report.skipped and not hasattr(report, "wasxfail") and _no_skip_allowed(item.config, item):
+        report.outcome = "failed"
+        reason = _skip_reason(report)
+        report.longrepr = f"skipped where no skip is allowed (--fail-on-skip): {reason}"
+
+
+# Modules skipped whole while collected (importorskip, a module-level skip): made failures at
+# the end of the session (a failed collection would stop the run before any test).
+_skipped_modules: list[str] = []
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    if report.skipped:
+        _skipped_modules.append(f"{report.nodeid}: {_skip_reason(report)}")
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    if _skipped_modules and _no_skip_allowed(config):
+        terminalreporter.section("skipped where no skip is allowed (--fail-on-skip)", red=True)
+        for line in _skipped_modules:
+            terminalreporter.line(line)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _skipped_modules and _no_skip_allowed(session.config) and exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
@@ -73,284 +107,18 @@ def bundle(tmp_path: Path) -> Path:
     return write_bundle(tmp_path / "bundle", default_config(["sh", "-c", "echo hello"]))
 
 
-class Runtime:
-    """Runs the installed `bonneville` CLI with its own --root and backend."""
-
-    def __init__(self, root: Path, backend: str) -> None:
-        self.root = root
-        self.backend = backend
-
-    def argv(self, *args: str) -> list[str]:
-        return ["bonneville", "--root", str(self.root), "--backend", self.backend, *args]
-
-    def __call__(
-        self, *args: str, input: bytes | None = None, timeout: float = 180, check: bool = False
-    ) -> subprocess.CompletedProcess[bytes]:
-        # Files, not pipes: after `create`, the monitor keeps the container's stdio open (as
-        # runc's container does), so reading a pipe to EOF would wait for the container.
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            proc = subprocess.run(
-                self.argv(*args),
-                input=input,
-                stdin=None if input is not None else subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                timeout=timeout,
-                check=False,
-            )
-            out.seek(0)
-            err.seek(0)
-            result = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
-        if check and result.returncode != 0:
-            raise AssertionError(
-                f"bonneville {' '.join(args)} failed ({result.returncode}): {result.stderr!r}"
-            )
-        return result
-
-    def state(self, container_id: str) -> dict[str, object]:
-        result = self("state", container_id, check=True)
-        data = json.loads(result.stdout)
-        assert isinstance(data, dict)
-        return data
-
-    def cleanup(self) -> None:
-        if self.root.exists():
-            for name in os.listdir(self.root):
-                self("delete", "--force", name)
+@pytest.fixture
+def backend_name() -> str:
+    """The backend `runtime` runs: the fake one here; integration/ overrides it (QEMU, or a
+    parameter over the real backends)."""
+    return "fake"
 
 
-def in_private_netns(script: str, *, own_sysfs: bool = False) -> Any:
-    """Run a Python ``script`` in a new network namespace (unshare); the JSON it prints. With
-    ``own_sysfs``, in a new mount namespace too, with a sysfs of the new network namespace on
-    /sys (for code that reads /sys/class/net, as the guest agent does)."""
-    import sys
-
-    prefix = ["unshare", "--net"]
-    if own_sysfs:
-        script = "import os; os.system('mount -t sysfs sysfs /sys')\n" + script
-        prefix.append("--mount")
-    result = subprocess.run(
-        [*prefix, sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
-
-
-def kill_monitor_during_create(
-    rt: Runtime, bundle: Path, cid: str, launched: Callable[[dict[str, Any]], bool]
-) -> dict[str, Any]:
-    """Run ``create`` and SIGKILL its monitor as soon as the backend's launch journal satisfies
-    ``launched`` (before create has recorded the VM); check that create then fails with one
-    line, leaving no state. The journal as it was at the kill."""
-    import signal
-    import time
-
-    from bonneville.backends.base import JOURNAL_FILE, read_journal
-
-    directory = rt.root / cid
-    with tempfile.TemporaryFile() as err:
-        create = subprocess.Popen(
-            rt.argv("create", "--bundle", str(bundle), cid),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
-        deadline = time.monotonic() + 60
-        while not ((directory / JOURNAL_FILE).exists() and launched(read_journal(str(directory)))):
-            assert create.poll() is None, "create ended before the launch got that far"
-            assert time.monotonic() < deadline, "the launch never got that far"
-            time.sleep(0.05)
-        journal = read_journal(str(directory))
-        monitor = json.loads((directory / "state.json").read_text())["pid"]
-        os.kill(int(monitor), signal.SIGKILL)
-        assert create.wait(timeout=120) != 0
-        err.seek(0)
-        assert err.read().strip().count(b"\n") == 0  # one line
-    assert not directory.exists()
-    return journal
-
-
-def _host_links_of_ours() -> set[str]:
-    from bonneville.backends.libvirt.hostnet import OUR_LINK
-
-    shown = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, check=True).stdout
-    return {link["ifname"] for link in json.loads(shown) if OUR_LINK.match(link["ifname"])}
-
-
-# Links of our pattern that were here before this session (a run killed part-way, e.g. by a
-# machine restart, left them): not this run's leak, and named in the report header.
-LINKS_AT_START = _host_links_of_ours() if shutil.which("ip") else set()
-
-
-def pytest_report_header() -> list[str]:
-    if LINKS_AT_START:
-        return [f"host links left by an earlier run (ignored): {' '.join(sorted(LINKS_AT_START))}"]
-    return []
-
-
-def host_links_of_ours() -> list[str]:
-    """Links in this (the host's) network namespace named as the libvirt backend names its
-    own (``hostnet.OUR_LINK``), except those :data:`LINKS_AT_START`."""
-    return sorted(_host_links_of_ours() - LINKS_AT_START)
-
-
-def leftover_processes(marker: str) -> list[str]:
-    """Command lines of live processes mentioning ``marker`` (a test's unique root path)."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                zombie = f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
-        except OSError:
-            continue
-        if marker in cmd and not zombie:
-            found.append(f"{pid}: {cmd}")
-    return found
-
-
-def terminate(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    """SIGTERM a process the tests started, SIGKILL it if it outlives ``timeout``, reap it."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def stop_daemon(daemon: subprocess.Popen[bytes], base: Path) -> None:
-    """Stop a daemon the tests started (TERM, then KILL), unmount what it left under ``base``
-    and remove ``base``."""
-    import signal
-
-    daemon.send_signal(signal.SIGTERM)
-    try:
-        daemon.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(daemon.pid, signal.SIGKILL)
-        daemon.wait()
-    for mount in reversed(Path("/proc/self/mounts").read_text().splitlines()):
-        target = mount.split()[1]
-        if target.startswith(str(base)):
-            subprocess.run(["umount", "-l", target], check=False)
-
-
-# ---- a private dockerd (integration tests and benchmarks) -----------------------------------
-
-DOCKER_BRIDGE = "bvtest0"
-DOCKER_BRIDGE_ADDRESS = "172.31.250.1/24"
-
-
-class Docker:
-    """The docker CLI aimed at one private daemon."""
-
-    def __init__(self, socket_path: str, runtime: str = "bonneville") -> None:
-        self.env = {**os.environ, "DOCKER_HOST": f"unix://{socket_path}"}
-        self.socket_path = socket_path
-        self.runtime = runtime  # the dockerd runtime (one per backend) `run` uses
-
-    def __call__(
-        self, *args: str, input: bytes | None = None, timeout: float = 180
-    ) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run(
-            ["docker", *args],
-            input=input,
-            stdin=None if input is not None else subprocess.DEVNULL,
-            capture_output=True,
-            env=self.env,
-            timeout=timeout,
-            check=False,
-        )
-
-    def ok(self, *args: str, input: bytes | None = None) -> str:
-        result = self(*args, input=input)
-        assert result.returncode == 0, f"docker {' '.join(args)}: {result.stderr!r}"
-        return result.stdout.decode()
-
-    def run(self, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-        return self("run", "--rm", "--runtime", self.runtime, *args, input=input)
-
-
-@contextlib.contextmanager
-def private_dockerd(runtimes: dict[str, dict[str, object]], image: str) -> Iterator[Docker]:
-    """A dockerd of our own (data-root, exec-root, socket and bridge under /tmp) with these
-    runtimes (daemon.json's form: name → {"path", "runtimeArgs"}) and a busybox ``image``;
-    everything it made is gone afterwards."""
-    import fcntl
-    import shutil
-    import signal
-    import time
-
-    # One private dockerd at a time on this host: they would share the bridge's name and subnet.
-    lock = open("/run/lock/bonneville-test-dockerd.lock", "w")  # noqa: SIM115
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    # Short paths: containerd and the shims put unix sockets under the exec root.
-    base = Path(tempfile.mkdtemp(prefix="bvd-", dir="/tmp"))
-    sock = base / "docker.sock"
-    bridge = DOCKER_BRIDGE
-    # Our own bridge (not docker0): created here, deleted afterwards, nothing else touched.
-    subprocess.run(["ip", "link", "del", bridge], capture_output=True, check=False)  # a stale one
-    subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)
-    subprocess.run(["ip", "addr", "add", DOCKER_BRIDGE_ADDRESS, "dev", bridge], check=True)
-    subprocess.run(["ip", "link", "set", bridge, "up"], check=True)
-    log = open(base / "dockerd.log", "wb")  # noqa: SIM115
-    (base / "daemon.json").write_text(json.dumps({"runtimes": runtimes}))
-    daemon = subprocess.Popen(
-        [
-            "dockerd",
-            "--data-root",
-            str(base / "data"),
-            "--exec-root",
-            str(base / "exec"),
-            "--host",
-            f"unix://{sock}",
-            "--pidfile",
-            str(base / "dockerd.pid"),
-            "--config-file",
-            str(base / "daemon.json"),
-            f"--bridge={bridge}",
-            # No iptables rules left on the host afterwards.
-            "--iptables=false",
-            "--ip-masq=false",
-        ],
-        stdout=log,
-        stderr=log,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    client = Docker(str(sock))
-    try:
-        deadline = time.monotonic() + 60
-        while client("version").returncode != 0:
-            assert daemon.poll() is None, (base / "dockerd.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "dockerd did not come up"
-            time.sleep(0.2)
-        rootfs = make_busybox_rootfs(base / "rootfs")
-        tar = subprocess.run(["tar", "-C", str(rootfs), "-c", "."], capture_output=True, check=True)
-        client.ok("import", "-", image, input=tar.stdout)
-        yield client
-    finally:
-        ids = client("ps", "-aq").stdout.split()
-        if ids:
-            client("rm", "-f", *[i.decode() for i in ids])
-        stop_daemon(daemon, base)
-        log.close()
-        # containerd's shims outlive their daemon by design (live restore); these are the
-        # private daemon's own, so they go with it. Our monitors and VMs must already be gone.
-        for line in leftover_processes(str(base)):
-            pid, _, command = line.partition(": ")
-            # (gVisor's sandbox and gofer, when the benchmarks compare with runsc, likewise.)
-            if "containerd-shim" in command or command.startswith("runsc-"):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
-        shutil.rmtree(base, ignore_errors=True)
-        subprocess.run(["ip", "link", "del", bridge], check=False)
-        lock.close()
-    assert leftover_processes(str(base)) == []
+@pytest.fixture
+def runtime(tmp_path: Path, backend_name: str) -> Iterator[Runtime]:
+    """The CLI with a --root of the test's own on ``backend_name``; every container of the test
+    is deleted afterwards, and none of its monitors or VMs may outlive that."""
+    rt = Runtime(tmp_path / "state", backend_name)
+    yield rt
+    rt.cleanup()
+    assert leftover_processes(str(rt.root)) == []

@@ -5,8 +5,9 @@
 
 Every figure is a median over N runs (after one warm-up), printed with its ratio to runc's,
 measured in the same run. Markdown tables go to stdout (docs/benchmarks.md holds a real run).
-Needs root, dockerd, the runtimes (crun and runsc are skipped if missing) and an installed
-bonneville. Nothing here asserts a time: these are measurements, not tests.
+Needs root, dockerd, the runtimes (crun and runsc are skipped if missing) and install.sh's venv;
+the `bonneville` measured is this checkout's (a launcher for it goes first on PATH). Nothing here
+asserts a time: these are measurements, not tests.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from conftest import (
+from tests.support import (
     Docker,
     default_config,
     make_busybox_rootfs,
     private_dockerd,
+    use_checkout_launcher,
     write_bundle,
 )
 
@@ -389,6 +391,7 @@ def main() -> None:
     only = set(args.only.split(","))
     if os.geteuid() != 0:
         sys.exit("bench.py: run as root")
+    use_checkout_launcher()  # this checkout's code, whichever checkout install.sh installed
     subprocess.run(["bonneville", "template", "build"], check=True, capture_output=True)
     print(f"## Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
     print(f"Machine: {machine()}\n", flush=True)

@@ -296,7 +296,10 @@ def main() -> int:
         print(table(kept, handlers))
         return 0
 
-    sys.path.insert(0, str(REPO))  # integration.cri and the conftest helpers it uses
+    sys.path.insert(0, str(REPO))  # integration.cri and the tests.support helpers it uses
+    from tests.support import use_checkout_launcher
+
+    use_checkout_launcher()  # the bonneville handler runs this checkout's code
     work = Path(args.work)
     src = Path(args.src) if args.src else work / "src"
     for path in (work, src, out):

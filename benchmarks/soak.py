@@ -18,16 +18,15 @@ import argparse
 import concurrent.futures
 import glob
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # conftest's helpers
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.support
 
-from conftest import Docker, leftover_processes, private_dockerd
+from tests.support import Docker, leftover_processes, private_dockerd, use_checkout_launcher
 
 IMAGE = "bonneville-busybox:soak"
 
@@ -124,9 +123,7 @@ def main() -> int:
     parser.add_argument("--runtime", default="bonneville", help="runc gives a baseline")
     parser.add_argument("--clone-glob", default="", help="files a clone leaves if it leaks")
     args = parser.parse_args()
-    bonneville = shutil.which("bonneville")
-    if not bonneville:
-        raise SystemExit("bonneville is not on PATH")
+    bonneville = str(use_checkout_launcher())  # this checkout's code
     failures: list[str] = []
     with private_dockerd({"bonneville": {"path": bonneville}}, IMAGE) as docker:
         base = Path(docker.socket_path).parent

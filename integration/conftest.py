@@ -1,94 +1,24 @@
-"""Daemons shared by the integration suites."""
+"""Fixtures of the integration suites: the backend `runtime` runs, libvirtd, a container's
+network namespace. Their helpers are in integration/support.py."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import Runtime, leftover_processes, terminate
-
-LIBVIRTD_SOCKET = "/run/libvirt/libvirt-sock"
-
-
-def _answers(path: str) -> bool:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(2)
-        sock.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        sock.close()
-
-
-class Libvirtd:
-    """libvirtd (and virtlogd, through which its QEMUs log) for qemu:///system.
-
-    ``owned`` is False when the host already ran one: then it is used as it is, and never
-    stopped or restarted by the tests.
-    """
-
-    def __init__(self, base: Path, owned: bool) -> None:
-        self.base = base
-        self.owned = owned
-        self.virtlogd: subprocess.Popen[bytes] | None = None
-        self.libvirtd: subprocess.Popen[bytes] | None = None
-
-    def _spawn(self, name: str) -> subprocess.Popen[bytes]:
-        with open(self.base / f"{name}.log", "ab") as log:
-            return subprocess.Popen(
-                [name],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-                close_fds=True,
-            )
-
-    def start(self) -> None:
-        if self.virtlogd is None or self.virtlogd.poll() is not None:
-            self.virtlogd = self._spawn("virtlogd")
-        self.libvirtd = self._spawn("libvirtd")
-        deadline = time.monotonic() + 60
-        while not _answers(LIBVIRTD_SOCKET):
-            assert self.libvirtd.poll() is None, (self.base / "libvirtd.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "libvirtd did not come up"
-            time.sleep(0.1)
-
-    def stop_libvirtd(self) -> None:
-        if self.libvirtd is not None:
-            terminate(self.libvirtd)
-            self.libvirtd = None
-
-    def restart(self) -> None:
-        assert self.owned, "only a libvirtd the tests started may be restarted"
-        self.stop_libvirtd()
-        self.start()
-
-    def stop(self) -> None:
-        self.stop_libvirtd()
-        if self.virtlogd is not None:
-            terminate(self.virtlogd)
-            self.virtlogd = None
+from integration.support import LIBVIRTD_SOCKET, Libvirtd, answers
 
 
 @pytest.fixture
-def runtime(tmp_path: Path) -> Iterator[Runtime]:
-    """The CLI on the QEMU backend (suites with other needs define their own); every monitor
-    and VM of the test must be gone afterwards."""
-    rt = Runtime(tmp_path / "state", "qemu")
-    yield rt
-    rt.cleanup()
-    assert leftover_processes(str(rt.root)) == []
+def backend_name() -> str:
+    """`runtime` runs QEMU here (suites over several backends override this)."""
+    return "qemu"
 
 
 @pytest.fixture(scope="session")
@@ -97,7 +27,7 @@ def libvirtd() -> Iterator[Libvirtd]:
     machines start no services)."""
     base = Path(tempfile.mkdtemp(prefix="bv-libvirtd-"))
     try:
-        if _answers(LIBVIRTD_SOCKET):
+        if answers(LIBVIRTD_SOCKET):
             yield Libvirtd(base, owned=False)
             return
         if shutil.which("libvirtd") is None:
@@ -134,13 +64,3 @@ def container_netns() -> Iterator[str]:
     finally:
         subprocess.run(["ip", "link", "del", outside], check=False, capture_output=True)
         subprocess.run(["ip", "netns", "del", name], check=False)
-
-
-def in_netns(config: dict[str, object], netns: str) -> dict[str, object]:
-    """``config`` with its network namespace joined at path ``netns`` (as dockerd's)."""
-    linux = config["linux"]
-    assert isinstance(linux, dict)
-    for namespace in linux["namespaces"]:
-        if namespace["type"] == "network":
-            namespace["path"] = netns
-    return config

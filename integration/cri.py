@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from conftest import host_links_of_ours, leftover_processes, make_busybox_rootfs, stop_daemon
+from tests.support import host_links_of_ours, leftover_processes, make_busybox_rootfs, stop_daemon
 
 if TYPE_CHECKING:
     import grpc

@@ -15,7 +15,7 @@ from bonneville.backends.base import VMConfig
 from bonneville.backends.qemu import template as templates
 from bonneville.backends.qemu.backend import QemuBackend
 from bonneville.backends.qemu.machine import QemuVM
-from conftest import Runtime, default_config, write_bundle
+from tests.support import Runtime, default_config, write_bundle
 from tests.test_lifecycle import make_bundle
 
 pytestmark = pytest.mark.vm
@@ -35,10 +35,9 @@ def template_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture
-def runtime(tmp_path: Path, template_dir: Path) -> Iterator[Runtime]:
-    rt = Runtime(tmp_path / "state", "qemu")
-    yield rt
-    rt.cleanup()
+def backend_name(template_dir: Path) -> str:
+    """`runtime` on QEMU, with this module's template directory."""
+    return "qemu"
 
 
 def monitor_log(rt: Runtime, cid: str) -> str:

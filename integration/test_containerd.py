@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import leftover_processes, make_busybox_rootfs, stop_daemon
 from integration.backends import BACKENDS, URIS, use_backend
+from tests.support import leftover_processes, make_busybox_rootfs, stop_daemon
 
 pytestmark = [
     pytest.mark.vm,

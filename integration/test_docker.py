@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Docker, host_links_of_ours, private_dockerd
 from integration.backends import BACKENDS, URIS, use_backend
+from tests.support import Docker, host_links_of_ours, private_dockerd
 
 pytestmark = [
     pytest.mark.vm,

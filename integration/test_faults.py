@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Runtime, default_config, write_bundle
 from tests.faults import Waiter, assert_clean, vm_pid, wait_until
+from tests.support import Runtime, default_config, write_bundle
 
 pytestmark = pytest.mark.vm
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Runtime, default_config, write_bundle
 from tests.faults import vm_pid
+from tests.support import Runtime, default_config, write_bundle
 
 pytestmark = pytest.mark.vm
 

@@ -23,7 +23,9 @@ import pytest
 
 from bonneville.backends import procfs
 from bonneville.backends.libvirt import uri as uris
-from conftest import (
+from integration.backends import URIS, use_backend
+from integration.support import Libvirtd, in_netns
+from tests.support import (
     Runtime,
     default_config,
     host_links_of_ours,
@@ -31,24 +33,16 @@ from conftest import (
     leftover_processes,
     write_bundle,
 )
-from integration.backends import URIS
-from integration.conftest import Libvirtd, in_netns
 from tests.test_lifecycle import make_bundle, wait_for, wait_status
 
 pytestmark = pytest.mark.vm
 
 
 @pytest.fixture(params=["libvirt-embed", "libvirt-system"])
-def runtime(
-    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Runtime]:
-    if request.param == "libvirt-system":
-        request.getfixturevalue("libvirtd")
-    monkeypatch.setenv("BONNEVILLE_LIBVIRT_URI", URIS[str(request.param)])
-    rt = Runtime(tmp_path / "state", "libvirt")
-    yield rt
-    rt.cleanup()
-    assert leftover_processes(str(rt.root)) == []
+def backend_name(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """`runtime` on libvirt, embedded and through libvirtd; once its containers are deleted,
+    no host link of ours may be left."""
+    yield use_backend(request, monkeypatch)
     assert host_links_of_ours() == []
 
 

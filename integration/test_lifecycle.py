@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from bonneville.backends.qemu.backend import detect_accel
-from conftest import Runtime, default_config, write_bundle
 from integration.backends import BACKENDS, use_backend
-from integration.conftest import in_netns
+from integration.support import in_netns
+from tests.support import Runtime, default_config, write_bundle
 from tests.test_lifecycle import *  # noqa: F403 - the same cases, another backend
 from tests.test_lifecycle import make_bundle, wait_status
 

@@ -28,7 +28,7 @@ from bonneville.backends.qemu.backend import QemuBackend, detect_accel
 from bonneville.backends.qemu.machine import QemuVM
 from bonneville.guest import protocol
 from bonneville.spec.errors import BackendError
-from conftest import BUSYBOX
+from tests.support import BUSYBOX
 
 pytestmark = pytest.mark.vm
 
@@ -405,6 +405,6 @@ def test_real_guest_hello(launch: Launcher) -> None:
 
 
 def _leftovers(marker: str) -> list[str]:
-    from conftest import leftover_processes
+    from tests.support import leftover_processes
 
     return leftover_processes(marker)

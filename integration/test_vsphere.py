@@ -24,13 +24,6 @@ import pytest
 from bonneville.backends.base import JOURNAL_FILE
 from bonneville.backends.vsphere import backend as vsb
 from bonneville.guest.channel import ROOT_DISK_LABEL, ext4_identity
-from conftest import (
-    Runtime,
-    default_config,
-    kill_monitor_during_create,
-    leftover_processes,
-    write_bundle,
-)
 from integration.vsphere_env import (
     StandInGuest,
     Vcsim,
@@ -41,6 +34,12 @@ from integration.vsphere_env import (
     reap_guests,
     vcsim,
     vms,
+)
+from tests.support import (
+    Runtime,
+    default_config,
+    kill_monitor_during_create,
+    write_bundle,
 )
 
 __all__ = ["vcsim"]  # the session fixture, imported so pytest finds it here
@@ -67,13 +66,12 @@ def write_config(path: Path, vc: Vcsim, **overrides: Any) -> Path:
 
 
 @pytest.fixture
-def runtime(tmp_path: Path, vcsim: Vcsim, monkeypatch: pytest.MonkeyPatch) -> Iterator[Runtime]:
+def backend_name(tmp_path: Path, vcsim: Vcsim, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """`runtime` on vSphere, configured for vcsim; once its containers are deleted, no VM and
+    no datastore file of theirs may be left."""
     monkeypatch.setenv("BONNEVILLE_CONFIG", str(write_config(tmp_path / "config.toml", vcsim)))
-    rt = Runtime(tmp_path / "root", "vsphere")
-    yield rt
-    rt.cleanup()
+    yield "vsphere"
     reap_guests()
-    assert leftover_processes(str(rt.root)) == []
     assert leftovers(vcsim) == ([], [])
 
 

@@ -26,7 +26,7 @@ from bonneville.backends.vsphere.transport import SerialListener, new_token
 from bonneville.guest import protocol
 from bonneville.guest.image import ensure_image, find_kernel
 from bonneville.shim.agent_client import AgentConnection
-from conftest import make_busybox_rootfs
+from tests.support import make_busybox_rootfs
 
 pytestmark = pytest.mark.vm
 

@@ -30,7 +30,7 @@ import pytest
 from bonneville.backends.vsphere import backend as vsb
 from bonneville.backends.vsphere.config import VSphereSettings
 from bonneville.backends.vsphere.transport import preamble
-from conftest import terminate
+from tests.support import terminate
 
 LAUNCHER = Path(__file__).parent / "vcsim" / "main.go"
 GOPATH = "/usr/share/gocode"

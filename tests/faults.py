@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import Runtime, leftover_processes
+from tests.support import Runtime, leftover_processes
 
 # A subreaper that runs `create` and then waits for the pid-file PID, as containerd's shim does:
 # the only honest way to see the monitor's exit status (the container's, as the caller sees it).

@@ -24,7 +24,7 @@ from bonneville.shim.agent_client import AgentConnection
 from bonneville.shim.monitor import pod as monitor
 from bonneville.spec.config import load_bundle
 from bonneville.spec.errors import AgentError
-from conftest import default_config, write_bundle
+from tests.support import default_config, write_bundle
 
 
 @pytest.fixture(scope="module")

@@ -4,21 +4,10 @@ no lost update (the status the commands leave is the one the last of them made),
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
-
-from conftest import Runtime, default_config, leftover_processes, write_bundle
-
-
-@pytest.fixture
-def runtime(tmp_path: Path) -> Iterator[Runtime]:
-    rt = Runtime(tmp_path / "state", "fake")
-    yield rt
-    rt.cleanup()
-    assert leftover_processes(str(rt.root)) == []
+from tests.support import Runtime, default_config, write_bundle
 
 
 def test_fifty_parallel_commands_on_one_container(runtime: Runtime, tmp_path: Path) -> None:

@@ -15,16 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Runtime, default_config, leftover_processes, write_bundle
 from tests.faults import Waiter, assert_clean, state_file, vm_pid, wait_until
-
-
-@pytest.fixture
-def runtime(tmp_path: Path) -> Iterator[Runtime]:
-    rt = Runtime(tmp_path / "state", "fake")
-    yield rt
-    rt.cleanup()
-    assert leftover_processes(str(rt.root)) == []
+from tests.support import Runtime, default_config, write_bundle
 
 
 def _id() -> str:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from bonneville.spec.config import load_bundle
 from bonneville.spec.errors import BonnevilleError
-from conftest import default_config, make_busybox_rootfs
+from tests.support import default_config, make_busybox_rootfs
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),

@@ -10,22 +10,13 @@ from __future__ import annotations
 import os
 import subprocess
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from bonneville.shim import hostns
 from bonneville.spec.errors import BonnevilleError
-from conftest import Runtime, default_config, leftover_processes, write_bundle
-
-
-@pytest.fixture
-def runtime(tmp_path: Path) -> Iterator[Runtime]:
-    rt = Runtime(tmp_path / "state", "fake")
-    yield rt
-    rt.cleanup()
-    assert leftover_processes(str(rt.root)) == []
+from tests.support import Runtime, default_config, write_bundle
 
 
 def _mounts(pid: int) -> dict[str, set[str]]:

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from conftest import in_private_netns
+from tests.support import in_private_netns
 
 pytestmark = pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux")
 

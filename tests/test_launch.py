@@ -12,9 +12,9 @@ from pathlib import Path
 import click
 import pytest
 
-from bonneville.shim import entry, launch
+from bonneville.shim import entry
 from bonneville.shim.cli import cli
-from conftest import Runtime, default_config, leftover_processes, write_bundle
+from tests.support import CHECKOUT, Runtime, default_config, leftover_processes, write_bundle
 
 
 @pytest.mark.parametrize(
@@ -52,12 +52,7 @@ def test_the_options_taking_a_value_are_the_clis() -> None:
 def test_the_monitor_imports_no_cli_and_no_typing(tmp_path: Path) -> None:
     """What a monitor imports stays in memory as long as its container runs (docs/benchmarks.md):
     not click, jsonschema, typing or pathlib, nor the image builder's modules."""
-    # The package as the launcher sees it (install.sh): bonneville/<folder> -> the checkout's.
-    checkout = Path(launch.__file__).resolve().parents[1]
-    (tmp_path / "bonneville").mkdir()
-    (tmp_path / "bonneville" / "__init__.py").write_text("")
-    for folder in ("shim", "spec", "backends", "guest"):
-        (tmp_path / "bonneville" / folder).symlink_to(checkout / folder)
+    # The package as the launcher sees it (install.sh): the checkout first, no site.
     probe = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
@@ -66,7 +61,7 @@ monitor._preload("qemu")
 print(json.dumps(sorted(sys.modules)))
 """
     out = subprocess.run(
-        [sys.executable, "-S", "-c", probe, str(tmp_path)],
+        [sys.executable, "-S", "-c", probe, str(CHECKOUT)],
         capture_output=True,
         check=True,
         env={"PATH": "/usr/bin:/bin", "BONNEVILLE_CONFIG": str(tmp_path / "no-config.toml")},
@@ -318,6 +313,6 @@ def modules_imported_by(probe: str, *args: str) -> set[str]:
         [sys.executable, "-c", probe, *args],
         capture_output=True,
         check=True,
-        env={"PATH": "/usr/bin:/bin"},
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(CHECKOUT)},
     ).stdout
     return set(json.loads(out))

@@ -12,26 +12,13 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from bonneville.backends import procfs
-from conftest import Runtime, default_config, leftover_processes, write_bundle
-
-
-@pytest.fixture
-def backend_name() -> str:
-    return "fake"
-
-
-@pytest.fixture
-def runtime(tmp_path: Path, backend_name: str) -> Iterator[Runtime]:
-    rt = Runtime(tmp_path / "state", backend_name)
-    yield rt
-    rt.cleanup()
-    assert leftover_processes(str(rt.root)) == []
+from tests.support import Runtime, default_config, write_bundle
 
 
 def make_bundle(tmp_path: Path, args: list[str], name: str = "bundle", **changes: object) -> Path:

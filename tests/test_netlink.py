@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import in_private_netns
+from tests.support import in_private_netns
 
 SCRIPT = r"""
 import json, socket, subprocess

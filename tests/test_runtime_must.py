@@ -3,21 +3,12 @@ one line and exit 1, and it has no effect on the container (fake backend)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import Runtime, default_config, leftover_processes, write_bundle
 from tests.faults import wait_until
-
-
-@pytest.fixture
-def runtime(tmp_path: Path) -> Iterator[Runtime]:
-    rt = Runtime(tmp_path / "state", "fake")
-    yield rt
-    rt.cleanup()
-    assert leftover_processes(str(rt.root)) == []
+from tests.support import Runtime, default_config, write_bundle
 
 
 def _one_error_line(result: object) -> str:
