@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from bonneville.backends.libvirt.hostnet import OUR_LINK, link_names
 from bonneville.backends.libvirt.xml import METADATA_NS, DomainOptions, build_xml
 from bonneville.guest.protocol import PORT_NAME, ROOT_TAG
 from bonneville.spec.errors import BackendError
-from tests.golden_files import BASE_VM, compare_golden
+from tests.golden_files import BASE_VM, compare_golden, golden
 
 BASE = BASE_VM
 OPTIONS = DomainOptions(
@@ -53,10 +54,14 @@ CASES: dict[str, tuple[VMConfig, DomainOptions]] = {
 }
 
 
+GOLDEN = {
+    name: golden("libvirt", f"{name}.xml", partial(build_xml, *CASES[name])) for name in CASES
+}
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_golden(name: str) -> None:
-    config, options = CASES[name]
-    compare_golden("libvirt", f"{name}.xml", build_xml(config, options))
+    compare_golden(GOLDEN[name])
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

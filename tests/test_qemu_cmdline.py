@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from bonneville.backends.qemu.cmdline import (
     escape,
 )
 from bonneville.spec.errors import BackendError
-from tests.golden_files import BASE_VM, compare_golden
+from tests.golden_files import BASE_VM, compare_golden, golden
 
 AGENT_FD = 5
 QMP_FD = 6
@@ -31,10 +32,6 @@ TCG = QemuOptions(accel="tcg")
 
 def argv(config: VMConfig, options: QemuOptions = TCG, boot: Boot | None = None) -> list[str]:
     return build_argv(config, agent_fd=AGENT_FD, qmp_fd=QMP_FD, options=options, boot=boot)
-
-
-def compare_argv(name: str, args: list[str]) -> None:
-    compare_golden("qemu", f"{name}.txt", "".join(f"{arg}\n" for arg in args))
 
 
 CASES: dict[str, tuple[VMConfig, QemuOptions, Boot | None]] = {
@@ -59,10 +56,17 @@ CASES: dict[str, tuple[VMConfig, QemuOptions, Boot | None]] = {
 }
 
 
+def argv_text(config: VMConfig, options: QemuOptions, boot: Boot | None) -> str:
+    """The golden form of a command line: one argument a line."""
+    return "".join(f"{arg}\n" for arg in argv(config, options, boot))
+
+
+GOLDEN = {name: golden("qemu", f"{name}.txt", partial(argv_text, *CASES[name])) for name in CASES}
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_golden(name: str) -> None:
-    config, options, boot = CASES[name]
-    compare_argv(name, argv(config, options, boot))
+    compare_golden(GOLDEN[name])
 
 
 def test_argv_is_pure() -> None:

@@ -28,7 +28,7 @@ from bonneville.spec.config import (
 )
 from bonneville.spec.defaults import default_spec
 from bonneville.spec.errors import BonnevilleError, ConfigError
-from tests.golden_files import compare_golden
+from tests.golden_files import compare_golden, golden
 
 MiB = 1024 * 1024
 Mutation = Callable[[dict[str, Any]], None]
@@ -696,8 +696,13 @@ def test_schema_file_is_a_valid_json_schema() -> None:
 # --------------------------------------------------------------------------- `bonneville spec`
 
 
+DEFAULT_SPEC = golden(
+    "spec", "default_spec.json", lambda: json.dumps(default_spec(), indent=2) + "\n"
+)
+
+
 def test_default_spec_golden() -> None:
-    compare_golden("spec", "default_spec.json", json.dumps(default_spec(), indent=2) + "\n")
+    compare_golden(DEFAULT_SPEC)
 
 
 def test_default_spec_matches_runc_example() -> None:

@@ -8,6 +8,8 @@ import re
 import socket
 import subprocess
 import threading
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -18,20 +20,11 @@ from bonneville.backends.vsphere.transport import SerialListener, new_token, pre
 from bonneville.guest import channel as agent
 from bonneville.guest.mode import Mode
 from bonneville.spec.errors import BackendError, ConfigError
+from tests.golden_files import compare_golden, golden
 
 pytest.importorskip("pyVmomi")
 
-GOLDEN = Path(__file__).parent / "golden" / "vsphere"
-REGEN = os.environ.get("BONNEVILLE_REGEN_GOLDEN") == "1"
 TOKEN = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
-
-
-def compare_golden(name: str, text: str) -> None:
-    path = GOLDEN / name
-    if REGEN:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    assert text == path.read_text(), f"{path} differs; BONNEVILLE_REGEN_GOLDEN=1 to regenerate"
 
 
 def moref(kind: str, moid: str) -> object:
@@ -59,59 +52,99 @@ CONTAINER = specs.ContainerPlan(
 )
 
 
-@pytest.mark.parametrize(
-    ("name", "plan"),
-    [
-        ("template.xml", TEMPLATE),
-        (
-            "template_portgroup.xml",
-            specs.TemplatePlan(**{**TEMPLATE.__dict__, "network": specs.NetworkRef("VM Network")}),
-        ),
-        (
-            "template_dvportgroup.xml",
-            specs.TemplatePlan(
-                **{
-                    **TEMPLATE.__dict__,
-                    "network": specs.NetworkRef(
-                        "DC0_DVPG0",
-                        "fe 4c 1b 50 00 11 22 33-44 55 66 77 88 99 aa bb",
-                        "dvportgroup-13",
-                    ),
-                }
+TEMPLATE_PLANS = {
+    "template.xml": TEMPLATE,
+    "template_portgroup.xml": specs.TemplatePlan(
+        **{**TEMPLATE.__dict__, "network": specs.NetworkRef("VM Network")}
+    ),
+    "template_dvportgroup.xml": specs.TemplatePlan(
+        **{
+            **TEMPLATE.__dict__,
+            "network": specs.NetworkRef(
+                "DC0_DVPG0",
+                "fe 4c 1b 50 00 11 22 33-44 55 66 77 88 99 aa bb",
+                "dvportgroup-13",
             ),
+        }
+    ),
+}
+
+
+def template_xml(plan: specs.TemplatePlan) -> str:
+    return specs.to_xml(specs.template_config(plan))
+
+
+def clone_specs() -> dict[str, Callable[[], str]]:
+    """The clone specs' golden texts, by file name (made only when asked: they need pyVmomi)."""
+    return {
+        "linked_clone.xml": lambda: specs.to_xml(
+            specs.linked_clone_spec(
+                moref("vm.Snapshot", "snapshot-40"),
+                moref("ResourcePool", "resgroup-15"),
+                moref("Datastore", "datastore-20"),
+            )
         ),
-    ],
-)
-def test_template_config_golden(name: str, plan: specs.TemplatePlan) -> None:
-    compare_golden(name, specs.to_xml(specs.template_config(plan)))
+        "full_clone.xml": lambda: specs.to_xml(
+            specs.full_clone_spec(
+                moref("ResourcePool", "resgroup-15"), moref("Datastore", "datastore-20")
+            )
+        ),
+        "instant_clone.xml": lambda: specs.to_xml(
+            specs.instant_clone_spec(
+                "bnv-c1-0f1e2d3c",
+                moref("ResourcePool", "resgroup-15"),
+                moref("Datastore", "datastore-20"),
+                moref("Folder", "folder-3"),
+                TOKEN,
+            )
+        ),
+    }
+
+
+ISOLINUX_ARGS = ("console=ttyS0", "quiet", *specs.ISO_KERNEL_ARGS)
+GOLDEN = {
+    **{
+        name: golden("vsphere", name, partial(template_xml, plan))
+        for name, plan in TEMPLATE_PLANS.items()
+    },
+    "container.xml": golden(
+        "vsphere",
+        "container.xml",
+        lambda: specs.to_xml(specs.container_config(CONTAINER, scsi_key=1000)),
+    ),
+    **{name: golden("vsphere", name, make) for name, make in clone_specs().items()},
+    "root.vmdk": golden(
+        "vsphere",
+        "root.vmdk",
+        lambda: specs.vmdk_descriptor("root-flat.vmdk", 96 << 20, 0x1234ABCD),
+    ),
+    "isolinux.cfg": golden("vsphere", "isolinux.cfg", lambda: media.isolinux_config(ISOLINUX_ARGS)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATE_PLANS))
+def test_template_config_golden(name: str) -> None:
+    compare_golden(GOLDEN[name])
 
 
 def test_container_config_golden() -> None:
-    compare_golden("container.xml", specs.to_xml(specs.container_config(CONTAINER, scsi_key=1000)))
+    compare_golden(GOLDEN["container.xml"])
 
 
 def test_clone_specs_golden() -> None:
-    pool = moref("ResourcePool", "resgroup-15")
-    ds = moref("Datastore", "datastore-20")
-    folder = moref("Folder", "folder-3")
-    snapshot = moref("vm.Snapshot", "snapshot-40")
-    compare_golden("linked_clone.xml", specs.to_xml(specs.linked_clone_spec(snapshot, pool, ds)))
-    compare_golden("full_clone.xml", specs.to_xml(specs.full_clone_spec(pool, ds)))
-    compare_golden(
-        "instant_clone.xml",
-        specs.to_xml(specs.instant_clone_spec("bnv-c1-0f1e2d3c", pool, ds, folder, TOKEN)),
-    )
+    for name in clone_specs():
+        compare_golden(GOLDEN[name])
 
 
 def test_vmdk_descriptor_golden() -> None:
-    compare_golden("root.vmdk", specs.vmdk_descriptor("root-flat.vmdk", 96 << 20, 0x1234ABCD))
+    compare_golden(GOLDEN["root.vmdk"])
     with pytest.raises(ValueError):
         specs.vmdk_descriptor("x-flat.vmdk", 1000, 1)
 
 
 def test_isolinux_config_golden() -> None:
-    args = ("console=ttyS0", "quiet", *specs.ISO_KERNEL_ARGS)
-    compare_golden("isolinux.cfg", media.isolinux_config(args))
+    compare_golden(GOLDEN["isolinux.cfg"])
+    args = ISOLINUX_ARGS
     # The ISO's name changes with the image and with its kernel arguments.
     assert media.iso_key("a", args) != media.iso_key("b", args)
     assert media.iso_key("a", args) != media.iso_key("a", args[:-1])
