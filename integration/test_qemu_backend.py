@@ -260,10 +260,10 @@ def test_launch_pause_resume_stop(launch: Launcher, tmp_path: Path) -> None:
     assert _read_line(vm.channel, 30) == b"echo:while-paused\n"
 
     pid = vm.pid
-    start = time.monotonic()
     vm.stop(timeout=5)
-    assert time.monotonic() - start < 5
     assert vm.poll()
+    # QEMU quit when asked (QMP `quit`), before stop's deadline would have sent SIGKILL (-9).
+    assert vm._proc.returncode == 0
     assert not backend.alive(private)
     assert procfs.process_state(pid) is None  # reaped, not a zombie
     assert vm.channel.fileno() == -1

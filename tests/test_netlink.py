@@ -48,7 +48,7 @@ def test_links_addresses_and_routes_in_a_private_netns() -> None:
 
 
 CONFIGURE = r"""
-import json, subprocess, threading, time
+import json, subprocess, threading
 from bonneville.guest import netconfig as agent
 def sh(cmd):
     return subprocess.run(cmd, shell=True, check=True, capture_output=True, text=True).stdout
@@ -57,7 +57,6 @@ sh("ip link add d0 type veth peer name d1; ip link add e0 type veth peer name e1
 threading.Timer(0.3, sh, ["ip link set d1 up"]).start()
 logged = []
 mac = "02:42:ac:11:00:09"
-began = time.monotonic()
 agent.configure_network({
     "interfaces": [{"mac": mac, "mtu": 1400, "addresses": ["172.30.5.9/24", "fd00:b0::9/64"],
                     "ipv6": True}],
@@ -66,8 +65,8 @@ agent.configure_network({
                 "metric": 1024}],
     "ipv6": {"all": True, "default": True, "lo": True},
 }, lambda level, msg: logged.append((level, msg)))
-waited = time.monotonic() - began
 # At return: what the container's first command would see.
+carrier = open("/sys/class/net/d0/carrier").read().strip()
 addresses = json.loads(sh("ip -j addr show d0"))[0]["addr_info"]
 routes = json.loads(sh("ip -j -6 route show dev d0"))
 # e1 never comes up: setup goes on after the bounded wait, saying so.
@@ -76,7 +75,7 @@ e0_mac = open("/sys/class/net/e0/address").read().strip()
 agent.configure_network({"interfaces": [{"mac": e0_mac, "mtu": 1500, "addresses": [],
                                          "ipv6": False}], "routes": []},
                         lambda level, msg: logged.append((level, msg)))
-print(json.dumps({"waited": waited, "addresses": addresses, "routes": routes, "logged": logged}))
+print(json.dumps({"carrier": carrier, "addresses": addresses, "routes": routes, "logged": logged}))
 """
 
 
@@ -86,7 +85,7 @@ def test_setup_gives_the_nic_its_addresses_and_routes_and_waits_for_its_carrier(
     (no duplicate address detection), the IPv6 default route with its metric, and the link-local
     address made: setup returns only once the carrier is on (bounded, with a warning if not)."""
     data = in_private_netns(CONFIGURE, own_sysfs=True)
-    assert data["waited"] >= 0.3  # the carrier came at 0.3 s
+    assert data["carrier"] == "1"  # it came 0.3 s after setup began: setup waited for it
     by_address = {a["local"]: a for a in data["addresses"]}
     assert by_address["172.30.5.9"]["broadcast"] == "172.30.5.255"
     assert by_address["fd00:b0::9"].get("nodad") and not by_address["fd00:b0::9"].get("tentative")

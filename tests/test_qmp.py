@@ -6,7 +6,6 @@ import json
 import os
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -161,10 +160,8 @@ def test_hung_monitor_times_out(pair: tuple[socket.socket, socket.socket]) -> No
         return answer_all(request) if request["execute"] == "qmp_capabilities" else []
 
     client, _ = connect(pair, handler)
-    start = time.monotonic()
     with pytest.raises(BackendError, match="timed out"):
         client.command("query-status", timeout=0.3)
-    assert 0.25 < time.monotonic() - start < 3
 
 
 def test_missing_greeting_times_out(pair: tuple[socket.socket, socket.socket]) -> None:
