@@ -17,7 +17,6 @@ from tests.support import (
     default_config,
     leftover_processes,
     make_busybox_rootfs,
-    remove_checkout_launcher,
     use_checkout_launcher,
     write_bundle,
 )
@@ -36,10 +35,6 @@ def pytest_configure(config: pytest.Config) -> None:
     # Before any fixture or test module: every CLI call, dockerd's and containerd's runtime
     # path and the Pythons the tests start get this checkout's code, not the installed one's.
     use_checkout_launcher()
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    remove_checkout_launcher()
 
 
 def pytest_report_header() -> list[str]:

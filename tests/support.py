@@ -7,6 +7,7 @@ The fixtures built on them are in the root conftest.py.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -60,38 +61,32 @@ def write_launcher(directory: Path, checkout: Path = CHECKOUT) -> Path:
     return path
 
 
-_launcher_dir: Path | None = None
+_launcher: Path | None = None
 
 
 def use_checkout_launcher() -> Path:
     """Put a `bonneville` of this checkout first on PATH, and the checkout first on PYTHONPATH,
     for this process and everything it starts (dockerd and containerd find their runtime by
     that path; Pythons the tests start import this checkout's bonneville, not the installed
-    one). Once per process; the launcher's path."""
-    global _launcher_dir
-    if _launcher_dir is None:
-        _launcher_dir = Path(tempfile.mkdtemp(prefix="bonneville-launcher-"))
-        write_launcher(_launcher_dir)
-        for name, first in (("PATH", str(_launcher_dir)), ("PYTHONPATH", str(CHECKOUT))):
+    one). Once per process; the launcher's path.
+
+    Its directory is the checkout's own under /tmp (written afresh, atomically, each time,
+    never removed: runs of one checkout may overlap, and a run that is killed leaves nothing
+    more than the last one did)."""
+    global _launcher
+    if _launcher is None:
+        key = hashlib.sha256(str(CHECKOUT).encode()).hexdigest()[:12]
+        directory = Path(tempfile.gettempdir(), f"bonneville-launcher-{key}")
+        directory.mkdir(mode=0o755, exist_ok=True)
+        if os.lstat(directory).st_uid != os.getuid() or directory.is_symlink():
+            raise RuntimeError(f"{directory} is not this user's own directory")
+        written = write_launcher(Path(tempfile.mkdtemp(dir=directory)))
+        _launcher = written.rename(directory / "bonneville")
+        written.parent.rmdir()
+        for name, first in (("PATH", str(directory)), ("PYTHONPATH", str(CHECKOUT))):
             rest = os.environ.get(name)
             os.environ[name] = f"{first}:{rest}" if rest else first
-    return _launcher_dir / "bonneville"
-
-
-def remove_checkout_launcher() -> None:
-    """Undo :func:`use_checkout_launcher` (at the end of a session)."""
-    global _launcher_dir
-    if _launcher_dir is not None:
-        for name, first in (("PATH", str(_launcher_dir)), ("PYTHONPATH", str(CHECKOUT))):
-            entries = os.environ.get(name, "").split(":")
-            if first in entries:
-                entries.remove(first)
-            if any(entries):
-                os.environ[name] = ":".join(entries)
-            else:
-                os.environ.pop(name, None)
-        shutil.rmtree(_launcher_dir, ignore_errors=True)
-        _launcher_dir = None
+    return _launcher
 
 
 BUSYBOX = "/bin/busybox"
