@@ -31,6 +31,7 @@ class Capability(enum.Enum):
     CONSOLE = "console"  # captures the guest's serial console to a file
     PODS = "pods"  # more containers can join a running VM (its share takes their trees)
     HOTPLUG = "hotplug"  # can add RAM and vCPUs to a running VM (a pod that grows)
+    HOST_NETWORK = "host-network"  # can give the guest a user-mode NIC on the host's networks
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,8 @@ class VMConfig:
     initrd: str
     readonly_share: bool = False
     kernel_args: tuple[str, ...] = ()
-    # Tap devices (names in the monitor's network namespace) with the MAC the guest must use.
+    # Tap devices (names in the monitor's network namespace) with the MAC the guest must use;
+    # USER_NIC instead of a tap name: a user-mode NIC (QEMU's slirp) on the host's networks.
     nics: tuple[tuple[str, str], ...] = ()
     # The vCPUs the VM may grow to while it runs (0: ``vcpus``): a pod's containers add theirs.
     max_vcpus: int = 0
@@ -57,6 +59,12 @@ class VMConfig:
     # monitor itself sits in the container's), for backends that must reach a remote server.
     extra: dict[str, Any] = field(default_factory=dict)
 
+
+USER_NIC = "user:"
+# The user-mode network the guest is given with a USER_NIC (QEMU's defaults): its address,
+# the host (whose loopback the guest reaches there) and the gateway.
+USER_NET_GUEST = "10.0.2.15/24"
+USER_NET_HOST = "10.0.2.2"
 
 # The granularity of memory hotplug: x86-64 Linux adds memory in 128 MiB sections.
 HOTPLUG_BLOCK_MIB = 128

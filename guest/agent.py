@@ -21,13 +21,16 @@ import time
 from collections.abc import Callable
 
 from bonneville.guest import container as containers
-from bonneville.guest import hotplug, protocol, syscallfilter
+from bonneville.guest import hotplug, portwatch, protocol, syscallfilter
 from bonneville.guest.channel import Channel, kernel_options
 from bonneville.guest.common import Refused, Stopwatch, describe, errtext, one_line
 from bonneville.guest.container import Container, Plan, check_id
+from bonneville.guest.dnsrelay import DnsRelay
 from bonneville.guest.mode import Mode
 from bonneville.guest.netconfig import configure_network
 from bonneville.guest.process import ExecSpec, Proc, set_winsize
+from bonneville.guest.tunnel import Tunnel
+from bonneville.guest.tunnel import connect as tunnel_connect
 
 # For the type checker only: importing typing costs a cold boot ~0.1 s under TCG.
 TYPE_CHECKING = False
@@ -51,6 +54,11 @@ class Agent:
         self.procs: dict[int, Proc] = {}
         self.by_pid: dict[int, Proc] = {}
         self.network_done = False
+        self.tunnels: dict[int, Tunnel] = {}  # connections the host relays (port-forward)
+        self.dns: DnsRelay | None = None
+        self.watching_ports = False
+        self.next_port_look = 0.0
+        self.ports: set[tuple[str, int]] | None = None
         self.exiting = False
         self.after_reply: Callable[[], None] | None = None
         try:
@@ -76,6 +84,8 @@ class Agent:
             "resume": self.op_resume,
             "remove": self.op_remove,
             "online": self.op_online,
+            "connect": self.op_connect,
+            "dns-answer": self.op_dns_answer,
             "shutdown": self.op_shutdown,
         }
 
@@ -143,10 +153,23 @@ class Agent:
                     watched[fd] = watched.get(fd, 0) | select.POLLIN
             if proc.stdin_fd is not None and proc.pending:
                 watched[proc.stdin_fd] = watched.get(proc.stdin_fd, 0) | select.POLLOUT
+        for tunnel in self.tunnels.values():
+            events = (select.POLLIN if reading and tunnel.reading else 0) | (
+                select.POLLOUT if tunnel.pending else 0
+            )
+            if events:
+                watched[tunnel.fileno()] = events
+        if self.dns is not None:
+            for fd in self.dns.fds():
+                watched[fd] = select.POLLIN
         poller = select.poll()
         for fd, events in watched.items():
             poller.register(fd, events)
-        ready = dict(poller.poll(None if channel.connected else RECONNECT_POLL_MS))
+        timeout = None if channel.connected else RECONNECT_POLL_MS
+        if self.watching_ports:
+            wait_ms = max(0, int((self.next_port_look - time.monotonic()) * 1000))
+            timeout = wait_ms if timeout is None else min(timeout, wait_ms)
+        ready = dict(poller.poll(timeout))
 
         for proc in list(self.procs.values()):
             for fd in list(proc.outputs):
@@ -155,6 +178,24 @@ class Agent:
             stdin_fd = proc.stdin_fd
             if stdin_fd is not None and proc.pending and ready.get(stdin_fd, 0):
                 self.write_stdin(proc)
+        for tunnel in list(self.tunnels.values()):
+            if ready.get(tunnel.fileno(), 0):
+                self.relay_tunnel(tunnel)
+        if self.dns is not None:
+            for fd in self.dns.fds():
+                if ready.get(fd, 0):
+                    for ident, to, tcp, query in self.dns.on_ready(fd):
+                        self.send_control(
+                            {
+                                "op": "dns",
+                                "id": ident,
+                                "to": to,
+                                "tcp": tcp,
+                                "data": base64.b64encode(query).decode(),
+                            }
+                        )
+        if self.watching_ports and time.monotonic() >= self.next_port_look:
+            self.look_at_ports()
         if channel.connected and ready.get(channel.fd, 0) & ~select.POLLOUT:
             self.read_channel()
         if self.wake_r in ready:
@@ -162,6 +203,31 @@ class Agent:
             self.reap()
         if not channel.closed:
             channel.flush()
+
+    def relay_tunnel(self, tunnel: Tunnel) -> None:
+        """Move what a relayed connection has both ways; tell the host when it is over."""
+        tunnel.flush()
+        if tunnel.reading and self.channel.queued < BACKPRESSURE:
+            data = tunnel.read()
+            if data is not None:
+                self.send_data(protocol.STDOUT, tunnel.id, data)
+        if tunnel.done:
+            self.close_tunnel(tunnel)
+
+    def close_tunnel(self, tunnel: Tunnel) -> None:
+        self.tunnels.pop(tunnel.id, None)
+        if tunnel.reading:
+            self.send_data(protocol.STDOUT, tunnel.id, b"")
+        tunnel.close()
+        self.send_control({"op": "closed", "id": tunnel.id})
+
+    def look_at_ports(self) -> None:
+        """Tell the host when the set of listening TCP ports changed."""
+        self.next_port_look = time.monotonic() + portwatch.INTERVAL
+        now = portwatch.listening()
+        if now != self.ports:
+            self.ports = now
+            self.send_control({"op": "ports", "tcp": sorted([a, p] for a, p in now)})
 
     def drain_wakeups(self) -> None:
         try:
@@ -217,7 +283,10 @@ class Agent:
         except Exception as exc:
             self.log("error", f"{op} failed: {describe(exc)}")
             reply.update(ok=False, error=one_line(f"{op}: {exc}"))
-        self.send_control(reply)
+        if "req" in message:
+            self.send_control(reply)  # a message without one is a notification
+        elif not reply.get("ok"):
+            self.log("warning", f"{op}: {reply.get('error')}")
         action, self.after_reply = self.after_reply, None
         if action is not None:
             action()
@@ -303,6 +372,13 @@ class Agent:
                 configure_network(network, self.log)
             except OSError as exc:
                 raise Refused(f"configure the network: {errtext(exc)}") from exc
+        relays = [str(a) for a in network.get("dnsRelay") or []]
+        if relays:
+            try:
+                self.dns = DnsRelay(relays)
+            except OSError as exc:
+                raise Refused(f"relay DNS on {', '.join(relays)}: {errtext(exc)}") from exc
+        self.watching_ports = bool(network.get("watchPorts"))
         self.network_done = True
         watch.lap("network")
         return {"timings": watch.laps}
@@ -447,6 +523,26 @@ class Agent:
             raise Refused("host mode has no hardware to plug")
         return hotplug.online(int(message.get("memory_mib") or 0), int(message.get("vcpus") or 0))
 
+    def op_connect(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Connect to a port the guest listens on; the stream ``id`` carries the connection
+        (STDIN frames to it, STDOUT frames from it, end of file both ways, then ``closed``)."""
+        ident = int(message["id"])
+        self.stream_free(ident)
+        if ident in self.tunnels:
+            raise Refused(f"process id {ident} is already in use")
+        port = int(message["port"])
+        if not 0 < port < 65536:
+            raise Refused(f"not a port: {port}")
+        address = str(message.get("address") or "127.0.0.1")
+        self.tunnels[ident] = Tunnel(ident, tunnel_connect(address, port))
+        return {}
+
+    def op_dns_answer(self, message: dict[str, Any]) -> dict[str, Any]:
+        """The host's answer to a DNS query the relay passed on (a notification)."""
+        if self.dns is not None:
+            self.dns.answer(int(message["id"]), base64.b64decode(message.get("data") or ""))
+        return {}
+
     def op_shutdown(self, message: dict[str, Any]) -> dict[str, Any]:
         """Power off after the reply went out."""
         self.after_reply = self.shutdown
@@ -470,7 +566,13 @@ class Agent:
     # -- process I/O --
 
     def feed_stdin(self, ident: int, data: bytes) -> None:
-        """Host bytes for a process's stdin; empty means close it."""
+        """Host bytes for a process's stdin (or a relayed connection); empty means close it."""
+        tunnel = self.tunnels.get(ident)
+        if tunnel is not None:
+            tunnel.feed(data)
+            if tunnel.done:
+                self.close_tunnel(tunnel)
+            return
         proc = self.procs.get(ident)
         if proc is None or proc.stdin_fd is None:
             return

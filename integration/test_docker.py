@@ -6,6 +6,7 @@ touches a system daemon; the image is a busybox rootfs imported from a local tar
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -337,6 +338,10 @@ def test_user_network_peers(docker: Docker) -> None:
             docker.runtime,
             "--network",
             "bnet",
+            "--name",
+            "srv",
+            "--network-alias",
+            "web",
             IMAGE,
             "sh",
             "-c",
@@ -349,6 +354,17 @@ def test_user_network_peers(docker: Docker) -> None:
             wait_output(docker, "--network", "bnet", IMAGE, "wget", "-qO-", f"http://{ip}/p")
             == "peer\n"
         )
+        # Names and aliases resolve through docker's embedded resolver (127.0.0.11 in the
+        # container's namespace, relayed from the guest), over UDP and TCP, as under runc.
+        script = (
+            "cat /etc/resolv.conf | grep -q 127.0.0.11 &&"
+            " nslookup srv 127.0.0.11 | tail -n +3 && nslookup web | tail -n +3 &&"
+            " ping -c 1 -W 5 srv >/dev/null && wget -qO- http://web/p"
+        )
+        resolved = docker.run("--network", "bnet", IMAGE, "sh", "-c", script)
+        assert resolved.returncode == 0, resolved
+        text = resolved.stdout.decode()
+        assert text.count(ip) == 2 and text.endswith("peer\n"), text
     finally:
         if server:
             docker("rm", "-f", server)
@@ -385,12 +401,81 @@ def test_ipv6_network_gets_a_link_local_address_from_the_containers_mac(docker: 
         docker("network", "rm", "bnet6")
 
 
-def test_network_none_and_host(docker: Docker) -> None:
+def test_network_none(docker: Docker) -> None:
     links = docker.run("--network", "none", IMAGE, "sh", "-c", "ip -o link | wc -l")
     assert links.stdout.strip() == b"1"  # only lo
-    host = docker.run("--network", "host", IMAGE, "true")
-    assert host.returncode != 0
-    assert b"cannot share the host's network stack" in host.stderr
+
+
+def test_network_host_publishes_ports_and_reaches_the_host(docker: Docker) -> None:
+    """--network host: the guest's listening ports appear on the host as they open and go
+    as they close; the container reaches the host's networks (its loopback at 10.0.2.2)."""
+    port = _free_port()
+    with _host_server(b"from-the-host\n") as host_port:
+        server = docker.ok(
+            "run",
+            "-d",
+            "--runtime",
+            docker.runtime,
+            "--network",
+            "host",
+            IMAGE,
+            "sh",
+            "-c",
+            f"wget -qO- http://10.0.2.2:{host_port}/ > /reached;"
+            f" mkdir -p /www && echo hello-host-net > /www/index.html;"
+            # httpd in the background: PID 1 of the container would ignore killall's TERM.
+            f" httpd -p {port} -h /www; exec sleep 1000",
+        ).strip()
+        try:
+            assert http_get("127.0.0.1", port).endswith(b"hello-host-net\n")
+            reached = docker.ok("exec", server, "cat", "/reached")
+            assert reached == "from-the-host\n"
+            docker.ok("exec", server, "killall", "httpd")
+            deadline = time.monotonic() + 30
+            while _port_open(port):  # withdrawn once the guest's socket closed
+                assert time.monotonic() < deadline, f"port {port} still open on the host"
+                time.sleep(0.2)
+        finally:
+            docker("rm", "-f", server)
+    assert not _port_open(port)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@contextlib.contextmanager
+def _host_server(body: bytes) -> Iterator[int]:
+    """An HTTP server on the host's loopback only, for the test's lifetime; its port."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def http_get(host: str, port: int, timeout: float = 120) -> bytes:

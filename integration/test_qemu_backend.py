@@ -222,6 +222,7 @@ def test_capabilities() -> None:
         Capability.NETWORK,
         Capability.PODS,
         Capability.HOTPLUG,
+        Capability.HOST_NETWORK,
     }
     QemuBackend().require(Capability.CLONE)
 

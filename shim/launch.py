@@ -54,6 +54,9 @@ class MonitorConfig:
     owner_socket: str = ""
     # The guest namespaces of the container (shim/pod.py: "new", "vm" or "container:<id>").
     namespaces: dict[str, str] = field(default_factory=dict)
+    # No network namespace of its own: the VM reaches the host's networks through a user-mode
+    # stack, and its listening ports are published on the host (shim/monitor/forward.py).
+    host_network: bool = False
     # The container's host cgroup (shim/cgroups.py), which create has already moved us into:
     # an owner whose VM grows raises its limits (cgroups.raise_vm_limits).
     cgroup: dict[str, str] = field(default_factory=dict)
@@ -71,6 +74,7 @@ class MonitorConfig:
             "owner": self.owner,
             "owner_socket": self.owner_socket,
             "namespaces": self.namespaces,
+            "host_network": self.host_network,
             "cgroup": self.cgroup,
             # The monitor was forked before the CLI read its flags (--libvirt-uri sets one).
             "environ": dict(os.environ),
@@ -94,6 +98,7 @@ class MonitorConfig:
             owner_socket=str(message.get("owner_socket") or ""),
             namespaces={str(k): str(v) for k, v in (message.get("namespaces") or {}).items()},
             cgroup={str(k): str(v) for k, v in (message.get("cgroup") or {}).items()},
+            host_network=bool(message.get("host_network")),
         )
 
 

@@ -191,15 +191,11 @@ def _create(
             f"container {owner.id}'s VM cannot take more containers: the {backend_name} backend"
             " runs one container per VM (pods and --network container: need qemu or libvirt)"
         )
-    if (
-        owner is None
-        and Capability.NETWORK in backend.capabilities
-        and _shares_host_network(spec.linux)
-    ):
+    host_network = owner is None and _shares_host_network(spec.linux)
+    if host_network and Capability.HOST_NETWORK not in backend.capabilities:
         raise BonnevilleError(
-            "a VM cannot share the host's network stack: the config gives the container no network"
-            " namespace of its own (docker --network host is not supported; use a bridge network"
-            " or --network none)"
+            f"host networking (no network namespace of the container's own: docker --network"
+            f" host, a hostNetwork pod) needs the qemu or libvirt backend, not {backend_name}"
         )
 
     host_cgroup = _place_cgroup(ctx, container_id, spec)
@@ -246,6 +242,7 @@ def _create(
                 owner_socket=ctx.store.path(owner.id, state.SOCKET_FILE) if owner else "",
                 namespaces=placement.namespaces,
                 cgroup=dict(st.cgroup),
+                host_network=host_network,
             )
             launch.hand_over(sync, config)
             deadline = time.monotonic() + CREATE_TIMEOUT

@@ -162,6 +162,15 @@ def remove_taps(taps: list[str]) -> None:
     delete_links(taps)
 
 
+def random_mac() -> str:
+    """A locally administered unicast MAC of our own (host networking's NIC)."""
+    import os
+
+    octets = bytearray(os.urandom(6))
+    octets[0] = (octets[0] & 0xFC) | 0x02
+    return ":".join(f"{b:02x}" for b in octets)
+
+
 def placeholder_mac(index: int) -> str:
     """A MAC for NIC ``index`` before the interface it will carry is known (the agent gives the
     guest NIC the interface's MAC at setup, as it does for a clone)."""

@@ -242,7 +242,13 @@ class LibvirtVM(VM):
 class LibvirtBackend(Backend):
     name = "libvirt"
     capabilities = frozenset(
-        {Capability.PAUSE, Capability.CONSOLE, Capability.NETWORK, Capability.PODS}
+        {
+            Capability.PAUSE,
+            Capability.CONSOLE,
+            Capability.NETWORK,
+            Capability.PODS,
+            Capability.HOST_NETWORK,
+        }
     )
 
     def __init__(self, uri: str | None = None) -> None:
@@ -270,7 +276,7 @@ class LibvirtBackend(Backend):
             from bonneville.backends.libvirt import hostnet
 
             private["sockdir"] = uris.system_socket_dir(key.hex[:16])
-            private["links"] = hostnet.host_links(key.hex, len(config.nics))
+            private["links"] = hostnet.host_links(key.hex, config.nics)
         # Everything this launch may make beyond the monitor, named before any of it exists.
         write_journal(config.run_dir, private)
         cleanup: list[Any] = []

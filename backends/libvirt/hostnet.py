@@ -23,7 +23,7 @@ import os
 import subprocess
 from dataclasses import replace
 
-from bonneville.backends.base import VMConfig
+from bonneville.backends.base import USER_NIC, VMConfig
 from bonneville.shim import network
 from bonneville.spec.errors import BackendError
 
@@ -105,20 +105,29 @@ def link_names(key: str, index: int) -> tuple[str, str, str]:
     return f"{prefix}c{index}", f"{prefix}h{index}", f"{prefix}t{index}"
 
 
-def host_links(key: str, count: int) -> list[str]:
-    """The host-side names ``wire`` creates for ``count`` NICs (to journal before it does)."""
-    return [name for index in range(count) for name in link_names(key, index)[1:]]
+def host_links(key: str, nics: tuple[tuple[str, str], ...]) -> list[str]:
+    """The host-side names ``wire`` creates for these NICs (to journal before it does); a
+    user-mode NIC (host networking) needs none."""
+    return [
+        name
+        for index, (tap, _) in enumerate(nics)
+        if tap != USER_NIC
+        for name in link_names(key, index)[1:]
+    ]
 
 
 def wire(config: VMConfig, key: str) -> VMConfig:
     """Build each NIC's path into the host; ``config`` for a QEMU there (its taps renamed).
 
     Called in the monitor, inside the container's network namespace. Undo a failure half-way
-    with ``remove(host_links(key, len(config.nics)))``: it skips names that do not exist.
+    with ``remove(host_links(key, config.nics))``: it skips names that do not exist.
     """
     host = host_netns()
     nics = []
     for index, (tap, mac) in enumerate(config.nics):
+        if tap == USER_NIC:
+            nics.append((tap, mac))  # libvirt's own user-mode stack: nothing to wire
+            continue
         inner, outer, host_tap = link_names(key, index)
         for name in (inner, outer, host_tap):
             if not OUR_LINK.match(name):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
-from bonneville.backends.base import VMConfig
+from bonneville.backends.base import USER_NIC, VMConfig
 from bonneville.backends.qemu.cmdline import BOOT_TB_SIZE_MIB
 from bonneville.guest.protocol import PORT_NAME, ROOT_TAG
 
@@ -130,11 +130,16 @@ def build_xml(config: VMConfig, options: DomainOptions) -> str:
     _pci(fs, next_slot())
 
     for index, (tap, mac) in enumerate(config.nics):
-        # The tap exists already (the monitor or the backend made it): libvirt must neither
-        # create nor delete it.
-        nic = _sub(devices, "interface", type="ethernet")
-        _sub(nic, "mac", address=mac)
-        _sub(nic, "target", dev=tap, managed="no")
+        if tap == USER_NIC:
+            # Host networking: libvirt's user-mode stack (slirp), as the QEMU backend's.
+            nic = _sub(devices, "interface", type="user")
+            _sub(nic, "mac", address=mac)
+        else:
+            # The tap exists already (the monitor or the backend made it): libvirt must
+            # neither create nor delete it.
+            nic = _sub(devices, "interface", type="ethernet")
+            _sub(nic, "mac", address=mac)
+            _sub(nic, "target", dev=tap, managed="no")
         _sub(nic, "model", type="virtio")
         _sub(nic, "rom", enabled="no")  # no iPXE: the guest never network-boots (as cmdline.py)
         _sub(nic, "alias", name=f"ua-net{index}")

@@ -81,6 +81,7 @@ class QemuBackend(Backend):
             Capability.NETWORK,
             Capability.PODS,
             Capability.HOTPLUG,
+            Capability.HOST_NETWORK,
         }
     )
 

@@ -13,7 +13,13 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from bonneville.backends.base import HOTPLUG_BLOCK_MIB, HOTPLUG_SLOTS, MAX_MEMORY_MIB, VMConfig
+from bonneville.backends.base import (
+    HOTPLUG_BLOCK_MIB,
+    HOTPLUG_SLOTS,
+    MAX_MEMORY_MIB,
+    USER_NIC,
+    VMConfig,
+)
 from bonneville.guest.protocol import PORT_NAME, ROOT_TAG
 
 # Under TCG the translation-block cache may grow to 1 GiB per VM (QEMU's default), and what it
@@ -211,6 +217,16 @@ def build_argv(
             # each clone plugs its own tap into the same device, and the agent gives the NIC
             # the container's MAC.
             argv += ["-device", f"virtio-net-{bus},id=nic{index},mac={mac}{rom}"]
+            continue
+        if tap == USER_NIC:
+            # Host networking: QEMU's user-mode stack (no extra process) reaches the host's
+            # networks; restrict=off, as a host-network container reaches them under runc.
+            argv += [
+                "-netdev",
+                f"user,id=net{index},restrict=off,ipv6=off",
+                "-device",
+                f"virtio-net-{bus},id=nic{index},netdev=net{index},mac={mac}{rom}",
+            ]
             continue
         argv += [
             "-netdev",

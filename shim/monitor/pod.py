@@ -12,6 +12,7 @@ pod ends with its owner's container: every member then reads exit status 137.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
 import json
@@ -28,7 +29,8 @@ from bonneville.guest import protocol
 from bonneville.shim import console, network, state, unixsock
 from bonneville.shim.agent_client import AgentConnection
 from bonneville.shim.control import VM_KILLED_STATUS, Phase, phase
-from bonneville.shim.monitor import daemon, guestspec, share, sizing
+from bonneville.shim.monitor import daemon, dnsrelay, guestspec, share, sizing
+from bonneville.shim.monitor.forward import Forwarder
 from bonneville.shim.monitor.requests import Requests
 from bonneville.shim.monitor.sessions import Members, PodContainer, Session
 from bonneville.shim.monitor.vm import PodVM
@@ -80,6 +82,8 @@ class Pod:
         self.sessions: dict[int, Session] = {}
         self.requests = Requests(self)
         self.members = Members(self)
+        self.forwarder: Forwarder | None = None  # the guest's ports, published or forwarded
+        self.dns: dnsrelay.DnsRelay | None = None
         # What the VM holds for its own container (its size at launch), before members'.
         self.base_demand = sizing.Demand()
         self.created_early = False  # the own container was created during the hooks
@@ -174,7 +178,15 @@ class Pod:
         self.base_demand = sizing.Demand(self.vm.memory_mib, self.vm.vcpus)
         if not self.created_early:
             self._create_own()
-        reply = self.agent.call("network", AGENT_CALL_TIMEOUT, network=self.vm.network_request())
+        network_request = self.vm.network_request()
+        resolvers = dnsrelay.loopback_resolvers(self.cfg.bundle)
+        if resolvers and (self.vm.own_netns or self.cfg.host_network):
+            self.dns = dnsrelay.DnsRelay(resolvers)
+            network_request["dnsRelay"] = resolvers
+        if self.cfg.host_network or _is_sandbox(self.spec.annotations):
+            self.forwarder = Forwarder(self, on_host=self.cfg.host_network)
+            network_request["watchPorts"] = True
+        reply = self.agent.call("network", AGENT_CALL_TIMEOUT, network=network_request)
         self.timeline.mark(f"network configured (in the guest: {daemon.laps(reply)})")
         self._open_console()
         control_path = os.path.join(self.cfg.state_dir, state.SOCKET_FILE)
@@ -225,9 +237,11 @@ class Pod:
         sel.register(self.control, selectors.EVENT_READ, "control")
         sel.register(self.sig_r, selectors.EVENT_READ, "signal")
         sel.register(vm.exit_fd(), selectors.EVENT_READ, "vm")
+        if self.dns is not None:
+            sel.register(self.dns.wake_r, selectors.EVENT_READ, "dns")
         self._on_agent(backlog=True)
         while self.exit_status is None:
-            for key, _ in sel.select():
+            for key, events in sel.select():
                 what = key.data
                 if what == "agent":
                     self._on_agent()
@@ -245,6 +259,15 @@ class Pod:
                     self.requests.on_client(key.fileobj)  # type: ignore[arg-type]
                 elif isinstance(what, Session):
                     self.members.on_session(what)
+                elif what == "dns" and self.dns is not None:
+                    for ident, answer in self.dns.take_answers():
+                        data = base64.b64encode(answer).decode()
+                        self.agent.send_control({"op": "dns-answer", "id": ident, "data": data})
+                elif isinstance(what, tuple) and self.forwarder is not None:
+                    if what[0] == "listener":
+                        self.forwarder.on_accept(what[1])
+                    elif what[0] == "relayed":
+                        self.forwarder.on_ready(what[1], events)
                 if self.exit_status is not None:
                     break
         self._teardown()
@@ -260,6 +283,10 @@ class Pod:
             with contextlib.suppress(OSError):
                 session.conn.close()
         self.sessions.clear()
+        if self.forwarder is not None:
+            self.forwarder.close()
+        if self.dns is not None:
+            self.dns.close()
         self.vm.stop()
         if self.control is not None:
             with contextlib.suppress(OSError):
@@ -303,11 +330,19 @@ class Pod:
                     self.sessions[stream].send(
                         protocol.encode(ftype, protocol.AGENT_STREAM, payload)
                     )
+                elif self.forwarder is not None and stream in self.forwarder.relayed:
+                    self.forwarder.on_output(stream, payload)
             elif ftype == protocol.CONTROL:
                 message = protocol.decode_control(payload)
                 op = message.get("op")
                 if op == "exit":
                     self._on_exit(message)
+                elif op == "ports" and self.forwarder is not None:
+                    self.forwarder.on_ports(message.get("tcp"))
+                elif op == "closed" and self.forwarder is not None:
+                    self.forwarder.on_closed(int(message.get("id", -1)))
+                elif op == "dns" and self.dns is not None:
+                    self.dns.query(message)
                 elif op == "log":
                     self._agent_log(message.get("msg"))
 
@@ -432,3 +467,10 @@ class Pod:
     # ---- pod members --------------------------------------------------------------------------
 
     # ---- exec sessions: an exec proxy process per guest process -------------------------------
+
+
+def _is_sandbox(annotations: dict[str, str]) -> bool:
+    """A pod's sandbox (containerd's or CRI-O's annotation): the pod's ports are forwarded."""
+    from bonneville.shim.pod import CRI_TYPE, CRIO_TYPE
+
+    return "sandbox" in (annotations.get(CRI_TYPE), annotations.get(CRIO_TYPE))

@@ -182,8 +182,11 @@ class Members:
         for _ in range(0xFFFF):
             stream = self.pod.next_stream
             self.pod.next_stream = self.pod.next_stream + 1 if self.pod.next_stream < 0xFFFF else 2
-            in_use = stream in self.pod.sessions or any(
-                c.stream == stream for c in self.pod.containers.values()
+            forwarded = self.pod.forwarder.streams if self.pod.forwarder else set()
+            in_use = (
+                stream in self.pod.sessions
+                or stream in forwarded
+                or any(c.stream == stream for c in self.pod.containers.values())
             )
             if not in_use:
                 return stream

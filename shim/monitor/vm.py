@@ -10,7 +10,15 @@ import logging
 import os
 import time
 
-from bonneville.backends.base import VM, Backend, Capability, VMConfig, get_backend
+from bonneville.backends.base import (
+    USER_NET_GUEST,
+    USER_NIC,
+    VM,
+    Backend,
+    Capability,
+    VMConfig,
+    get_backend,
+)
 from bonneville.guest import protocol
 from bonneville.shim import hostns, network
 from bonneville.shim.agent_client import AgentConnection
@@ -42,6 +50,7 @@ class PodVM:
         self.interfaces: list[network.Interface] = []
         self.routes: list[dict[str, Any]] = []
         self.early_taps: list[str] = []  # taps of a VM launched during the hooks
+        self.user_mac = ""  # host networking's NIC
         self.memory_mib = 0  # the VM's RAM (grown as a pod's members join)
         self.vcpus = 0
         self.max_vcpus = 0
@@ -59,8 +68,8 @@ class PodVM:
         """Into the container's network namespace: a new one, or the one its config names."""
         self.runtime_netns_fd = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         ns = self.cfg.bundle.spec.linux.namespace("network")
-        if ns is None:
-            return
+        if ns is None or self.cfg.host_network:
+            return  # the host's: the VM gets a user-mode NIC (nics())
         if ns.path:
             hostns.setns(ns.path, hostns.CLONE_NEWNET)
         else:
@@ -88,6 +97,9 @@ class PodVM:
         hooks = self.cfg.bundle.spec.hooks
         taps: list[str] = []
         try:
+            if self.cfg.host_network:
+                self.boot(export, self.user_nics())
+                return True
             if self.wires_network:
                 present, _ = network.discover()
                 guess = len(present) or int(bool(hooks.prestart or hooks.create_runtime))
@@ -106,6 +118,8 @@ class PodVM:
     def adopt_early(self) -> bool:
         """Keep the VM launched during the hooks if it has a NIC per interface they left;
         otherwise discard it (False: the caller launches again)."""
+        if self.cfg.host_network:
+            return True  # its NIC is the user-mode one, whatever the hooks did
         interfaces: list[network.Interface] = []
         routes: list[dict[str, Any]] = []
         if self.early_taps:
@@ -126,6 +140,9 @@ class PodVM:
 
     def launch(self, export: str) -> None:
         """Start the VM with a NIC per interface the namespace has now, and greet its agent."""
+        if self.cfg.host_network:
+            self.boot(export, self.user_nics())
+            return
         if self.wires_network:
             self.interfaces, self.routes = network.discover()
             network.wire(self.interfaces)
@@ -192,8 +209,31 @@ class PodVM:
             self.vcpus = self.vm.add_vcpus(vcpus)
             self.timeline.mark(f"vCPUs plugged in: {self.vcpus}")
 
+    def user_nics(self) -> list[tuple[str, str]]:
+        """Host networking's one NIC: the user-mode stack, with a MAC of our own."""
+        if not self.user_mac:
+            self.user_mac = network.random_mac()
+        return [(USER_NIC, self.user_mac)]
+
     def network_request(self) -> dict[str, Any]:
-        """``network``'s argument: the interfaces the hooks left, as the guest gets them."""
+        """``network``'s argument: the interfaces the hooks left, as the guest gets them (with
+        host networking, the user-mode stack's address and gateway)."""
+        if self.cfg.host_network:
+            gateway = USER_NET_GUEST.rpartition(".")[0] + ".2"
+            return {
+                "interfaces": [
+                    {
+                        "mac": self.user_mac,
+                        "mtu": 1500,
+                        "addresses": [USER_NET_GUEST],
+                        "ipv6": False,
+                    }
+                ],
+                "routes": [
+                    {"dst": "default", "gateway": gateway, "mac": self.user_mac, "version": 4}
+                ],
+                "ipv6": {},
+            }
         return network.guest_config(
             self.interfaces,
             self.routes,
