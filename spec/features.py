@@ -17,8 +17,10 @@ What it claims, and why:
   and clocks from the host far more strongly than a namespace would.
 - ``linux.capabilities``: every capability the guest kernel (Linux 6.1) knows, because the agent
   applies the process's sets inside the guest.
-- ``cgroup``: no cgroup manager (v1, v2, systemd) places the container; resources are mapped to
-  the VM's size (memory, vCPUs) instead.
+- ``cgroup``: v1, v2 and systemd: the container's host processes (monitor, QEMU, exec proxies)
+  are placed where ``cgroupsPath`` says, as runc's managers place a container, and bounded by
+  the VM's size (shim/cgroups.py); the container's own limits apply inside the VM. Not the
+  user-scoped systemd manager (no rootless mode), not RDMA.
 - ``seccomp``: applied by the agent inside the guest through libseccomp (guest/syscallfilter.py),
   to the container's processes and its exec'd ones: the actions, operators and architectures
   it compiles.
@@ -159,9 +161,9 @@ def features() -> dict[str, Any]:
             "namespaces": list(NAMESPACES),
             "capabilities": list(CAPABILITIES),
             "cgroup": {
-                "v1": False,
-                "v2": False,
-                "systemd": False,
+                "v1": True,
+                "v2": True,
+                "systemd": True,
                 "systemdUser": False,
                 "rdma": False,
             },
