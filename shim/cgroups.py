@@ -386,6 +386,14 @@ def join(dirs: dict[str, str], pid: int) -> None:
             ) from exc
 
 
+def processes(dirs: dict[str, str]) -> list[int]:
+    """The PIDs in the container's cgroup (every hierarchy lists the same; [] without one)."""
+    for directory in dirs.values():
+        with contextlib.suppress(OSError):
+            return [int(pid) for pid in _read(f"{directory}/cgroup.procs").split()]
+    return []
+
+
 def remove(dirs: dict[str, str], unit: str = "", timeout: float = 10.0) -> list[str]:
     """Remove the container's cgroup (its sub-cgroups first); the directories still there.
 

@@ -747,7 +747,8 @@ def bundle_of(ctx: Context, container_id: str) -> str:
 
 
 def ps(ctx: Context, container_id: str) -> list[int]:
-    """Host PIDs of the container: its monitor and what runs under it (the VM)."""
+    """Host PIDs of the container: its monitor, what runs under it (the VM) and the rest of its
+    cgroup (exec proxies)."""
     with ctx.store.lock(container_id, exclusive=False):
         st = ctx.store.load(container_id)
         status = refresh(ctx, st)
@@ -759,6 +760,8 @@ def ps(ctx: Context, container_id: str) -> list[int]:
 
             extra = get_backend(st.backend).vm_pids(st.backend_state)
             pids += [pid for pid in extra if pid not in pids]
+        # As runc lists its cgroup: the exec proxies too.
+        pids += [pid for pid in cgroups.processes(st.cgroup) if pid not in pids]
         return pids
 
 

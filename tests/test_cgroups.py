@@ -384,6 +384,9 @@ def test_monitor_vm_and_exec_proxy_live_in_the_containers_cgroup(
     proxy = int(pid_file.read_text())
     assert set(cgroup_of(proxy).values()) == {f"{parent}/c1"}
     assert Path(f"/proc/{proxy}/oom_score_adj").read_text().strip() == "1000"
+    # `ps` (docker top) lists the cgroup's processes, as runc does: the proxy too.
+    listed = json.loads(runtime("ps", "--format", "json", "c1", check=True).stdout)
+    assert listed[0] == monitor and proxy in listed
     runtime("delete", "--force", "c1", check=True)
     assert not any(os.path.exists(d) for d in dirs.values())
 
