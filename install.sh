@@ -39,9 +39,10 @@ VENV=/opt/bonneville/venv
 # (~30 ms of each CLI call here; docker calls the CLI four times per `docker run`). bonneville/
 # holds links to the folders (compileall does not follow them): the folders by their own names.
 "$VENV/bin/python" -m compileall -q -j0 bonneville shim spec backends guest
-# The `bonneville` command starts Python without `site` (-S): `python3 -S -c pass` takes 7 ms
-# here, 20 ms with site (its .pth processing, the editable install's import finder above all),
-# and docker calls the CLI four times per `docker run`. So the launcher puts this checkout first
+# The `bonneville` command starts Python without `site` (-S): `python3 -S -c pass` takes 7.7 ms
+# here, 20.9 ms with site (its .pth processing, the editable install's import finder above all),
+# and `bonneville state x` 37 ms, 41 ms with site (hyperfine, medians of 300), with docker calling
+# the CLI four times per `docker run`. So the launcher puts this checkout first
 # on sys.path (its bonneville/ package is the code; tests/support.py writes the same launcher
 # for the checkout a test run comes from) and the venv's site-packages (the dependencies) last.
 SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
