@@ -283,7 +283,8 @@ def create(
         if other is None or other.exited or kind not in other.ns:
             raise Refused(f"cannot join the {kind} namespace of container {other_id}: not running")
         joined[kind] = other.ns[kind]
-    source = mode.container_source(container.id)
+    tree = mode.container_dir(container.id)
+    source = os.path.join(tree, "root")
     if not os.path.isdir(source):
         raise Refused(f"the container's root {container.id} is not in the VM's share")
     if container.cgroup is not None:
@@ -450,7 +451,7 @@ def _build(
         linux.mount(source, target, None, linux.MS_BIND | linux.MS_REC)
         for entry in config.get("mounts") or []:
             step = f"mount {entry.get('type') or 'bind'} on {entry.get('destination')}"
-            mounts.mount_one(target, entry, log, source)
+            mounts.mount_one(target, entry, log, os.path.dirname(source))
         dev_is_tmpfs = any(
             os.path.normpath(str(m.get("destination"))) == "/dev" and m.get("type") == "tmpfs"
             for m in config.get("mounts") or []

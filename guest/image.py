@@ -97,13 +97,15 @@ ON_DEMAND_KERNEL_MODULES: tuple[str, ...] = (
 # Loaded by /init only with `bonneville.root=disk` (the vSphere backend's ext4 root disk on
 # VMware's PVSCSI, as in the QEMU serial test; virtio-blk for QEMU): 9p boots pay nothing for them.
 # ext4 asks the crypto API for "crc32c" (metadata checksums); without modprobe in the guest
-# nothing would load it on demand, and the mount fails with ENOENT.
+# nothing would load it on demand, and the mount fails with ENOENT. vmxnet3 is the NIC vSphere
+# gives the VM on its port group (guest/portgroup.py).
 DISK_KERNEL_MODULES: tuple[str, ...] = (
     "virtio_blk",
     "vmw_pvscsi",
     "sd_mod",
     "crc32c_generic",
     "ext4",
+    "vmxnet3",
 )
 
 # Stdlib modules the agent needs whether or not agent.py exists yet (it is imported on top of

@@ -127,8 +127,8 @@ class Mode:
             linux.mount(protocol.ROOT_TAG, self.share, "9p", 0, NINEP_OPTIONS)
         self.share_mounted = True
 
-    def container_source(self, container_id: str) -> str:
-        """Where a container's root (with its volumes beneath) is in the share."""
+    def container_dir(self, container_id: str) -> str:
+        """Where a container's tree is in the share: ``root/`` and ``binds/<n>/<name>``."""
         if self.root_disk:
             return self.share  # the disk holds the one container's tree
         return os.path.join(self.share, container_id)

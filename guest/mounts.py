@@ -4,6 +4,7 @@ Standard library only: this module goes into the guest image."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -147,9 +148,10 @@ def make_mountpoint(path: str, like: str) -> None:
 
 def mount_one(root: str, entry: dict[str, Any], log: Log, tree: str | None = None) -> None:
     """Make one entry of ``mounts`` inside the root. Bind mounts are the host's, placed in the
-    container's shared ``tree`` (the root as the host exported it): each is bound from there,
-    as runc binds from its source, so an earlier mount over its parent (a tmpfs /dev over
-    CRI's /dev/shm) cannot hide it; its flags and propagation are applied here."""
+    container's ``tree`` in the share (``treeSource``): each is bound from there to its
+    destination, resolved inside the root as runc resolves it, so an earlier mount over its
+    parent (a tmpfs /dev over CRI's /dev/shm) cannot hide it; its flags and propagation are
+    applied here."""
     dest = str(entry["destination"])
     mtype = str(entry.get("type") or "")
     options = [str(o) for o in entry.get("options") or []]
@@ -159,9 +161,11 @@ def mount_one(root: str, entry: dict[str, Any], log: Log, tree: str | None = Non
         extra = flags & (MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
         # 9p shows the bind as a plain directory: binding it makes it a mount point of its own
         # that keeps its flags (rw under a read-only root, or ro, nosuid…).
-        source = resolve_in_root(tree, dest) if tree is not None else target
-        if source != target:
-            make_mountpoint(target, source)
+        rel = str(entry.get("treeSource") or "")
+        if tree is None or not rel or ".." in rel.split("/"):
+            raise OSError(errno.EINVAL, "a bind mount without its place in the share", dest)
+        source = os.path.join(tree, rel)
+        make_mountpoint(target, source)
         mount(source, target, None, MS_BIND | MS_REC)
         if extra:
             remount_readonly(target, extra)

@@ -110,6 +110,9 @@ def build(profile: dict[str, Any]) -> Any:
     default_errno = int(profile.get("defaultErrnoRet") or errno.EPERM)
     default = _action(lib, profile.get("defaultAction"), profile.get("defaultErrnoRet"), 1)
     flt = lib.SyscallFilter(default)
+    # libseccomp sets no_new_privs when it loads a filter unless told not to; runc does not
+    # (process.noNewPrivileges decides, and a root process may load without it).
+    flt.set_attr(lib.Attr.CTL_NNP, 0)
     for arch in profile.get("architectures") or []:
         name = ARCHES.get(str(arch))
         if name is None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 
-from bonneville.guest import paths
 from bonneville.spec.errors import BonnevilleError
 
 TYPE_CHECKING = False
@@ -115,35 +114,3 @@ def option_flags(options: tuple[str, ...] | list[str]) -> int:
     for option in options:
         flags |= _FLAG_OPTIONS.get(option, 0)
     return flags
-
-
-def resolve_in_root(root: str, path: str) -> str:
-    """``path`` taken inside ``root`` (guest/paths.py); a destination with ``..`` is refused
-    outright on the host, where a mistake would touch the host's own files."""
-    if any(part == ".." for part in path.split("/")):
-        raise BonnevilleError(f"mount destination {path!r} must not contain '..'")
-    try:
-        return paths.resolve_in_root(root, path)
-    except OSError as exc:
-        raise BonnevilleError(f"too many symlinks resolving {path!r} in the rootfs") from exc
-
-
-def make_mountpoint(root: str, path: str, is_dir: bool) -> str:
-    """Create the mount point for ``path`` inside ``root`` (directories, or an empty file)."""
-    target = resolve_in_root(root, path)
-    parent = os.path.dirname(target)
-    if not os.path.lexists(parent):
-        # Intermediate components were resolved above; create them one by one, re-resolving
-        # so a symlink created meanwhile is still taken inside the root.
-        rel = os.path.relpath(parent, root)
-        current = root
-        for part in rel.split("/"):
-            current = resolve_in_root(root, os.path.join(os.path.relpath(current, root), part))
-            if not os.path.lexists(current):
-                os.mkdir(current, 0o755)
-    if not os.path.lexists(target):
-        if is_dir:
-            os.mkdir(target, 0o755)
-        else:
-            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
-    return target

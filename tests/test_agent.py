@@ -78,8 +78,8 @@ class Client:
 
     def add_tree(self, container: str) -> Path:
         """Container ``container``'s tree in the share, as the host places it before
-        ``create``: a copy of the busybox root (made once)."""
-        tree = self.share / container
+        ``create``: ``root/``, a copy of the busybox root (made once)."""
+        tree = self.share / container / "root"
         if not tree.exists():
             shutil.copytree(self.template, tree, symlinks=True)
         return tree
@@ -480,7 +480,7 @@ def test_readonly_root(start_agent: Callable[..., Client], share: Path) -> None:
     result = run(client, ["sh", "-c", "touch /x; touch /dev/shm/y && echo shm-ok"])
     assert b"Read-only file system" in result.stderr
     assert result.stdout == b"shm-ok\n"
-    assert not (share / C1 / "x").exists()
+    assert not (share / C1 / "root" / "x").exists()
 
 
 def test_cgroup_requests_are_refused_in_host_mode(start_agent: Callable[..., Client]) -> None:
@@ -736,7 +736,7 @@ def test_large_output_arrives_intact_with_backpressure(
 ) -> None:
     client = ready(start_agent)
     data = os.urandom(5 << 20)
-    (share / C1 / "big").write_bytes(data)
+    (share / C1 / "root" / "big").write_bytes(data)
     pid = client.exec(2, process(["cat", "/big"]))["pid"]
     # While we do not read, the agent must stop reading cat once ~1 MiB waits for us: cat
     # stalls on its full pipe. Watching it stall means sampling; its pidfd ends the wait
@@ -774,7 +774,7 @@ def test_create_prepares_the_init_and_start_lets_it_go(
     # Built and waiting before execve: still the agent's Python, the program not run yet.
     assert os.readlink(f"/proc/{waiting}/exe") == os.path.realpath(sys.executable)
     assert client.call("hello", version=protocol.VERSION)["ok"]
-    assert not (share / C1 / "ran").exists()  # nor after a round trip
+    assert not (share / C1 / "root" / "ran").exists()  # nor after a round trip
     exec_too_soon = client.exec(2, process(["true"]))
     assert not exec_too_soon["ok"] and "not running" in exec_too_soon["error"]
     reply = client.start()
@@ -783,7 +783,7 @@ def test_create_prepares_the_init_and_start_lets_it_go(
     assert (result.status, result.stdout) == (0, b"hi\n")
     assert result.eofs == {protocol.STDOUT, protocol.STDERR}
     # It ran in its own PID namespace, as its PID 1.
-    assert (share / C1 / "ran").read_text() == "1\n"
+    assert (share / C1 / "root" / "ran").read_text() == "1\n"
 
 
 @pytest.mark.parametrize(
@@ -871,8 +871,8 @@ def test_two_containers_have_their_own_mounts_root_hostname_and_processes(
     # Each sees its own root: the file written by the other is not there.
     assert b"only-c1" in first.stdout and b"only-c2" not in first.stdout
     assert b"only-c2" in second.stdout and b"only-c1" not in second.stdout
-    assert (share / C1 / "only-c1").read_text() == "only-c1\n"
-    assert not (share / "c2" / "only-c1").exists()
+    assert (share / C1 / "root" / "only-c1").read_text() == "only-c1\n"
+    assert not (share / "c2" / "root" / "only-c1").exists()
     # Its own hostname, UTS and mount namespaces (and neither is the agent's).
     name1, mnt1, uts1 = first.stdout.decode().split()[:3]
     name2, mnt2, uts2 = second.stdout.decode().split()[:3]
@@ -975,7 +975,7 @@ def test_remove_kills_the_processes_and_frees_the_id(
     gone = client.call("ps", container=C1)
     assert (gone["ok"], gone["error"]) == (False, "container 'c1' does not exist")
     # The id (and the init's stream) can be used again, for a new container.
-    (share / C1 / "mark").write_text("new\n")
+    (share / C1 / "root" / "mark").write_text("new\n")
     client.launch(C1, hostname="again")
     assert run(client, ["sh", "-c", "hostname; cat /mark"]).stdout == b"again\nnew\n"
 
@@ -1034,9 +1034,9 @@ def test_exec_joins_the_containers_namespaces_and_root(
         assert ns_of(pid, kind) == ns_of(init, kind), kind
         assert ns_of(pid, kind) != ns_of(client.proc.pid, kind), kind
     # Its root is the container's tree, as the init's is.
-    tree = (share / C1).stat().st_ino
+    tree = (share / C1 / "root").stat().st_ino
     assert os.stat(f"/proc/{pid}/root").st_ino == os.stat(f"/proc/{init}/root").st_ino == tree
-    assert os.stat(f"/proc/{pid}/root/mark").st_ino == (share / C1 / "mark").stat().st_ino
+    assert os.stat(f"/proc/{pid}/root/mark").st_ino == (share / C1 / "root" / "mark").stat().st_ino
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")

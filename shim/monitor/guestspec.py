@@ -7,6 +7,7 @@ import logging
 import os
 
 from bonneville.guest.proc import mountinfo
+from bonneville.shim.monitor import share
 from bonneville.spec.resources import to_cgroup
 
 TYPE_CHECKING = False
@@ -66,13 +67,15 @@ def create_request(
     spec = bundle.spec
     linux = spec.linux
     mounts = []
-    for m in spec.mounts:
+    for index, m in enumerate(spec.mounts):
         entry: dict[str, Any] = {
             "destination": m.destination,
             "type": m.type,
             "source": m.source,
             "options": list(m.options),
         }
+        if m.is_bind:
+            entry["treeSource"] = share.bind_name(index, m.source)
         if m.is_bind and "ro" in m.options and "rbind" in m.options and "rro" not in m.options:
             # Read-only is not recursive (runc's rule): the host's writable mounts under the
             # source stay writable in the guest too, which sees them as plain directories.

@@ -115,6 +115,8 @@ class Pod:
             self.own.id, self.own.stream, self.cfg.bundle, self.cfg.namespaces, self.vm.memory_mib
         )
         reply = self.agent.call("create", AGENT_CALL_TIMEOUT, **request)
+        if self.spec.root.readonly:
+            share.seal_root(self.export, self.own.id)
         self.timeline.mark(f"container created (in the guest: {daemon.laps(reply)})")
 
     def _during_hooks(self) -> None:

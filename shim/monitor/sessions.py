@@ -128,6 +128,13 @@ class Members:
             if not result.get("ok"):
                 refuse(result)
                 return
+            if config.get("readonly"):
+                try:
+                    share.seal_root(self.pod.export, member_id)
+                except BonnevilleError as exc:
+                    log.warning(
+                        "the read-only root of %s is writable on the host: %s", member_id, exc
+                    )
             self.pod.containers[member_id] = member
             self.pod.sessions[stream] = session
             with contextlib.suppress(OSError):
@@ -138,6 +145,16 @@ class Members:
 
         if grow.add_memory_mib or grow.vcpus > self.pod.vm.vcpus:
             try:
+                # The host's bound on the VM first: the guest must never touch RAM the host
+                # cgroup would not let QEMU have. (Imported here: a pod that never grows
+                # keeps the monitor without it.)
+                from bonneville.shim import cgroups
+
+                cgroups.raise_vm_limits(
+                    self.pod.cfg.cgroup,
+                    self.pod.vm.memory_mib + grow.add_memory_mib,
+                    max(self.pod.vm.vcpus, grow.vcpus),
+                )
                 self.pod.vm.grow(grow.add_memory_mib, grow.vcpus)
             except BonnevilleError as exc:
                 share.detach(self.pod.export, member_id)
