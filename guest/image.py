@@ -98,7 +98,7 @@ ON_DEMAND_KERNEL_MODULES: tuple[str, ...] = (
 # VMware's PVSCSI, as in the QEMU serial test; virtio-blk for QEMU): 9p boots pay nothing for them.
 # ext4 asks the crypto API for "crc32c" (metadata checksums); without modprobe in the guest
 # nothing would load it on demand, and the mount fails with ENOENT. vmxnet3 is the NIC vSphere
-# gives the VM on its port group (guest/portgroup.py).
+# gives the VM on a port group.
 DISK_KERNEL_MODULES: tuple[str, ...] = (
     "virtio_blk",
     "vmw_pvscsi",
@@ -559,6 +559,8 @@ for name in sys.argv[2:]:
 out = []
 for name, mod in sorted(sys.modules.items()):
     spec = getattr(mod, "__spec__", None)
+    if spec is None and name != "__main__":
+        continue  # made at run time, not imported (Cython's cython_runtime): nothing to pack
     origin = getattr(spec, "origin", None) if spec is not None else None
     loader = type(getattr(mod, "__loader__", None)).__name__
     if isinstance(getattr(mod, "__loader__", None), type):
