@@ -83,9 +83,10 @@ def vm_parts(tmp_path: Path) -> Iterator[tuple[media.BootISO, media.RootDisk, st
         image.initrd,
         image.kernel_args,
     )
-    rootfs = make_busybox_rootfs(tmp_path / "rootfs")
+    # The disk holds the container's tree, as the backend builds it: the root beside its binds.
+    make_busybox_rootfs(tmp_path / "tree" / "root")
     token = new_token()
-    disk = media.make_root_disk(str(rootfs), str(tmp_path), token)
+    disk = media.make_root_disk(str(tmp_path / "tree"), str(tmp_path), token)
     yield iso, disk, token
 
 
@@ -184,7 +185,7 @@ def test_container_process_over_a_tcp_serial_link(
         agent.call("shutdown", CALL_TIMEOUT)
         assert qemu.wait(timeout=60) == 0
         written = subprocess.run(
-            ["/usr/sbin/debugfs", "-R", "cat /written", disk.flat],
+            ["/usr/sbin/debugfs", "-R", "cat /root/written", disk.flat],
             capture_output=True,
             text=True,
             check=True,

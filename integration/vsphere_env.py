@@ -240,11 +240,12 @@ class StandInGuest:
         if self.forced_token:
             conn.close()
             return
-        # The agent's share holds a directory per container (docs/protocol.md): the root's.
+        # The agent's share holds a tree per container (docs/protocol.md): its root is ours.
         share = self.root.parent / f"standin-share-{self.container_id}"
-        share.mkdir(exist_ok=True)
-        if not (share / self.container_id).exists():
-            (share / self.container_id).symlink_to(self.root)
+        tree = share / self.container_id
+        tree.mkdir(parents=True, exist_ok=True)
+        if not (tree / "root").exists():
+            (tree / "root").symlink_to(self.root)
         with open(self.root.parent / "agent.log", "ab") as log:
             self.agent = subprocess.Popen(
                 [
