@@ -26,6 +26,10 @@ class DnsRelay:
         self.sockets: list[socket.socket] = []  # UDP sockets and TCP listeners
         self.clients: dict[int, socket.socket] = {}  # TCP connections, by descriptor
         self.buffers: dict[int, bytearray] = {}
+        # TCP clients that sent their end of file with queries still waiting: not read again,
+        # closed once the last of their answers is written (a client may shut down its sending
+        # side after its query, as `dig +tcp` through some resolver libraries does).
+        self.half_closed: set[int] = set()
         self.pending: OrderedDict[int, tuple[socket.socket, Any]] = OrderedDict()
         self.next_id = 1
         for address in addresses:
@@ -46,14 +50,20 @@ class DnsRelay:
                 self.sockets.append(sock)
 
     def fds(self) -> list[int]:
-        return [s.fileno() for s in self.sockets] + list(self.clients)
+        return [s.fileno() for s in self.sockets] + [
+            fd for fd in self.clients if fd not in self.half_closed
+        ]
+
+    def _waiting(self, sock: socket.socket) -> bool:
+        return any(origin is sock for origin, _ in self.pending.values())
 
     def _queue(self, origin: socket.socket, reply_to: Any, data: bytes) -> tuple[int, bytes]:
         ident = self.next_id
         self.next_id = self.next_id % 0x7FFFFFFF + 1
         self.pending[ident] = (origin, reply_to)
         while len(self.pending) > MAX_PENDING:
-            self.pending.popitem(last=False)
+            _, (dropped, _) = self.pending.popitem(last=False)
+            self._close_if_done(dropped)
         return ident, data
 
     def on_ready(self, fd: int) -> list[tuple[int, str, bool, bytes]]:
@@ -90,7 +100,10 @@ class DnsRelay:
         except OSError:
             data = b""
         if not data:
-            self._drop(fd)
+            if self._waiting(client):
+                self.half_closed.add(fd)  # its answers still go back, then it is closed
+            else:
+                self._drop(fd)
             return queries
         buf = self.buffers[fd]
         buf += data
@@ -108,19 +121,28 @@ class DnsRelay:
     def answer(self, ident: int, data: bytes) -> None:
         """The host's answer to query ``ident``, back to whoever asked."""
         found = self.pending.pop(ident, None)
-        if found is None or not data:
+        if found is None:
             return
         sock, peer = found
-        with contextlib.suppress(OSError):
-            if sock.type == socket.SOCK_DGRAM:
-                sock.sendto(data, peer)
-            elif sock.fileno() in self.clients:
-                sock.setblocking(True)
-                sock.settimeout(2)
-                sock.sendall(struct.pack(">H", len(data)) + data)
-                sock.setblocking(False)
+        if data:
+            with contextlib.suppress(OSError):
+                if sock.type == socket.SOCK_DGRAM:
+                    sock.sendto(data, peer)
+                elif sock.fileno() in self.clients:
+                    sock.setblocking(True)
+                    sock.settimeout(2)
+                    sock.sendall(struct.pack(">H", len(data)) + data)
+                    sock.setblocking(False)
+        self._close_if_done(sock)
+
+    def _close_if_done(self, sock: socket.socket) -> None:
+        """A half-closed TCP client goes once nothing it asked is waiting any more."""
+        fd = sock.fileno()
+        if fd in self.half_closed and self.clients.get(fd) is sock and not self._waiting(sock):
+            self._drop(fd)
 
     def _drop(self, fd: int) -> None:
+        self.half_closed.discard(fd)
         conn = self.clients.pop(fd, None)
         self.buffers.pop(fd, None)
         if conn is not None:
