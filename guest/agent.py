@@ -668,15 +668,16 @@ class Agent:
             code = 128 + os.WTERMSIG(status)
         else:
             signum, code = None, os.waitstatus_to_exitcode(status)
-        self.send_control(
-            {
-                "op": "exit",
-                "id": proc.id,
-                "container": proc.container,
-                "status": code,
-                "signal": signum,
-            }
-        )
+        message: dict[str, Any] = {
+            "op": "exit",
+            "id": proc.id,
+            "container": proc.container,
+            "status": code,
+            "signal": signum,
+        }
+        if proc.init and owner is not None and owner.oom_killed():
+            message["oom"] = True  # the host's cgroup is told (shim/cgroups.report_oom)
+        self.send_control(message)
 
 
 # --- entry point ----------------------------------------------------------------------------

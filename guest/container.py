@@ -194,6 +194,20 @@ class Container:
                 return True
         return not self.pids()
 
+    def oom_killed(self) -> bool:
+        """Whether the OOM killer (its limit's or the VM's) took any of its processes."""
+        if self.cgroup is None:
+            return False
+        try:
+            text = read_text(f"{self.cgroup}/memory.events")
+        except OSError:
+            return False
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return value.strip() not in ("", "0")
+        return False
+
     def freeze(self, frozen: bool) -> None:
         """cgroup.freeze, waiting (bounded) until the kernel says it is done."""
         if self.cgroup is None:

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import tarfile
 import tempfile
@@ -422,6 +423,15 @@ class ExecResult:
 
 
 @dataclass(frozen=True)
+class Forwarded:
+    """What one port-forwarded connection carried back: the server's bytes, and the text
+    containerd put on the port's error channel (empty when the forwarding itself worked)."""
+
+    data: bytes
+    error: bytes
+
+
+@dataclass(frozen=True)
 class LogLine:
     """One line of a CRI log file: `<RFC 3339 time> <stdout|stderr> <F|P> <text>`."""
 
@@ -582,22 +592,65 @@ class CriClient:
         assert streams[3], "the exec ended without a status"
         return ExecResult(_exit_code_of(json.loads(streams[3])), streams[1], streams[2])
 
+    def port_forward(self, pod_id: str, port: int, send: bytes, timeout: float = 120) -> Forwarded:
+        """One TCP connection to ``port`` in the pod, as `kubectl port-forward` (`crictl
+        port-forward`) makes it: the PortForward RPC gives a URL of containerd's streaming
+        server, spoken to over a websocket with the `v4.channel.k8s.io` subprotocol (its
+        port-forward handler takes that, its base64 variant or none; `portforward.k8s.io` is
+        the SPDY upgrade's). The port's data channel is 0 and its error channel 1 (2n and
+        2n+1 for the n-th port of a request); the server's first message on each is the port,
+        2 bytes little-endian. containerd dials localhost:PORT in the pod's network namespace
+        and relays until either side ends; ``send`` goes first, and the bytes come back until
+        the server closes the websocket (v4 has no half-close: the pod's server must end the
+        connection, as an HTTP/1.0 server does)."""
+        import websocket
+
+        request = self.api.PortForwardRequest(pod_sandbox_id=pod_id, port=[port])
+        url = self.runtime.PortForward(request, timeout=CALL_TIMEOUT).url
+        assert url.startswith("http://"), url
+        ws = websocket.create_connection(
+            "ws://" + url.removeprefix("http://"),
+            subprotocols=["v4.channel.k8s.io"],
+            timeout=timeout,
+        )
+        channels: dict[int, bytes] = {0: b"", 1: b""}
+        try:
+            assert ws.getsubprotocol() == "v4.channel.k8s.io", ws.getsubprotocol()
+            if send:
+                ws.send_binary(b"\x00" + send)
+            while True:
+                opcode, data = ws.recv_data()
+                if opcode == websocket.ABNF.OPCODE_CLOSE:
+                    break
+                if data:
+                    assert data[0] in channels, f"a frame on channel {data[0]}"
+                    channels[data[0]] += data[1:]
+        except (websocket.WebSocketConnectionClosedException, ConnectionError):
+            pass  # the server closed the connection (it may not wait for our close frame)
+        finally:
+            ws.close()
+        prefix = struct.pack("<H", port)
+        for channel, received in channels.items():
+            assert received.startswith(prefix), f"channel {channel} began {received[:2]!r}"
+        return Forwarded(channels[0][2:], channels[1][2:])
+
     # configs as kubelet writes them
 
     def pod_config(
-        self, name: str, log_directory: Path, pid: int = CONTAINER
+        self, name: str, log_directory: Path, pid: int = CONTAINER, network: int = POD
     ) -> api_pb2.PodSandboxConfig:
+        """kubelet's sandbox config; ``network`` NODE for a hostNetwork pod."""
         api = self.api
         uid = uuid.uuid4().hex
         log_directory.mkdir(parents=True, exist_ok=True)
         return api.PodSandboxConfig(
             metadata=api.PodSandboxMetadata(name=name, uid=uid, namespace="bvtest", attempt=0),
-            hostname=name,
+            hostname="" if network == NODE else name,  # kubelet's: a hostNetwork pod has none
             log_directory=str(log_directory),
             labels={"bonneville-test": name},
             linux=api.LinuxPodSandboxConfig(
                 security_context=api.LinuxSandboxSecurityContext(
-                    namespace_options=api.NamespaceOption(network=POD, pid=pid, ipc=POD)
+                    namespace_options=api.NamespaceOption(network=network, pid=pid, ipc=POD)
                 )
             ),
         )
@@ -612,7 +665,9 @@ class CriClient:
         image: str = BUSYBOX_IMAGE,
     ) -> api_pb2.ContainerConfig:
         api = self.api
+        # kubelet gives each container its pod's PID and network namespace modes.
         pid = sandbox.linux.security_context.namespace_options.pid
+        network = sandbox.linux.security_context.namespace_options.network
         return api.ContainerConfig(
             metadata=api.ContainerMetadata(name=name, attempt=attempt),
             image=api.ImageSpec(image=image),
@@ -621,7 +676,7 @@ class CriClient:
             linux=api.LinuxContainerConfig(
                 resources=api.LinuxContainerResources(memory_limit_in_bytes=memory_limit),
                 security_context=api.LinuxContainerSecurityContext(
-                    namespace_options=api.NamespaceOption(network=POD, pid=pid, ipc=POD)
+                    namespace_options=api.NamespaceOption(network=network, pid=pid, ipc=POD)
                 ),
             ),
         )
@@ -648,8 +703,8 @@ class Pods:
         self.handler = handler
         self.logs = logs
 
-    def pod(self, name: str, pid: int = CONTAINER) -> Pod:
-        config = self.client.pod_config(name, self.logs / name, pid=pid)
+    def pod(self, name: str, pid: int = CONTAINER, network: int = POD) -> Pod:
+        config = self.client.pod_config(name, self.logs / name, pid=pid, network=network)
         return Pod(self.client.run_pod_sandbox(config, self.handler), config)
 
     def container(

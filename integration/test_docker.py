@@ -137,6 +137,28 @@ def test_stop_escalates_to_sigkill(docker: Docker) -> None:
         docker("rm", "-f", cid)
 
 
+def test_oom_kill_is_reported_as_runc_reports_it(docker: Docker) -> None:
+    """docker inspect's OOMKilled: dockerd learns it from the container's host cgroup, where the
+    monitor has the host kernel count the OOM kill the guest's kernel made."""
+    cid = docker.ok(
+        "run", "-d", "--runtime", docker.runtime, "-m", "16m", "--memory-swap", "16m",
+        IMAGE, "dd", "if=/dev/zero", "of=/dev/null", "bs=32M",
+    ).strip()  # fmt: skip
+    try:
+        assert docker.ok("wait", cid).strip() == "137"
+        state = docker.ok("inspect", "-f", "{{.State.ExitCode}} {{.State.OOMKilled}}", cid)
+        assert state.split() == ["137", "true"]
+    finally:
+        docker("rm", "-f", cid)
+    cid = docker.ok("run", "-d", "--runtime", docker.runtime, IMAGE, "sh", "-c", "exit 3").strip()
+    try:
+        assert docker.ok("wait", cid).strip() == "3"
+        state = docker.ok("inspect", "-f", "{{.State.ExitCode}} {{.State.OOMKilled}}", cid)
+        assert state.split() == ["3", "false"]
+    finally:
+        docker("rm", "-f", cid)
+
+
 def test_exec_variants_and_top(docker: Docker) -> None:
     cid = docker.ok("run", "-d", "--runtime", docker.runtime, IMAGE, "sleep", "1000").strip()
     try:

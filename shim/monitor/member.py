@@ -223,6 +223,11 @@ class Member:
                     self._send_window_size()
                 elif op == "exit":
                     signum = message.get("signal")
+                    if message.get("oom") is True and self.cfg.cgroup:
+                        # The relay's cgroup is the one the runtime's caller watches.
+                        from bonneville.shim.cgroups import report_oom
+
+                        report_oom(self.cfg.cgroup)
                     return self._record(
                         int(message.get("status", VM_KILLED_STATUS)),
                         signum if isinstance(signum, int) else None,

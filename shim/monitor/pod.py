@@ -73,6 +73,7 @@ class Pod:
         self.selector: selectors.BaseSelector = selectors.SelectSelector()
         self.control: socket.socket | None = None
         self.exit_status: int | None = None
+        self.oom_killed = False  # the guest's OOM killer took the container (exit "oom")
         self.after_teardown: list[Callable[[], None]] = []  # answers that wait for it
         self.console_fd = -1  # our side of the container's console (pty slave or caller's tty)
         self.stdin_fd = -1
@@ -273,6 +274,12 @@ class Pod:
                 if self.exit_status is not None:
                     break
         self._teardown()
+        if self.oom_killed and self.cfg.cgroup:
+            # The VM is gone; this process alone is left in the cgroup the runtime's caller
+            # watches for OOM kills.
+            from bonneville.shim.cgroups import report_oom
+
+            report_oom(self.cfg.cgroup)
         for callback in self.after_teardown:
             callback()
         return self.exit_status
@@ -357,6 +364,7 @@ class Pod:
         if stream == self.own.stream:
             self.timeline.mark("the container's process exited")
             self.own.exited = True
+            self.oom_killed = message.get("oom") is True
             self._finish(status, signum if isinstance(signum, int) else None)
             return
         session = self.sessions.get(stream) if isinstance(stream, int) else None
@@ -366,7 +374,10 @@ class Pod:
             member = self.containers.get(session.container)
             if member is not None:
                 member.exited = True
-        session.control({"op": "exit", "status": status, "signal": signum})
+        exit_message = {"op": "exit", "status": status, "signal": signum}
+        if session.member and message.get("oom") is True:
+            exit_message["oom"] = True
+        session.control(exit_message)
         if not session.member:
             self.members.end_session(session, kill=False)
         # A member's monitor closes its side once it recorded the exit: _on_session then
