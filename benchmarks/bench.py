@@ -1,7 +1,7 @@
 #!/opt/bonneville/venv/bin/python
 """Bonneville against runc, crun and runsc (gVisor), measured in one run on this machine.
 
-    ./benchmarks/bench.py [--runs N] [--only docker,cli,memory,concurrent,io]
+    ./benchmarks/bench.py [--runs N] [--only docker,cli,memory,concurrent,io,pod]
 
 Every figure is a median over N runs (after one warm-up), printed with its ratio to runc's,
 measured in the same run. Markdown tables go to stdout (docs/benchmarks.md holds a real run).
@@ -40,7 +40,7 @@ from tests.support import (
 )
 
 IMAGE = "bonneville-busybox:bench"
-SECTIONS = ("docker", "cli", "memory", "concurrent", "io")
+SECTIONS = ("docker", "cli", "memory", "concurrent", "io", "pod")
 
 
 def timed(action: Callable[[], object]) -> float:
@@ -383,6 +383,44 @@ def bench_io(work: Path) -> str:
     return f"{heading}\n\n{table(['operation', 'host', 'in the VM (9p)', 'ratio'], rows)}"
 
 
+def bench_pod(work: Path, runs: int) -> str:
+    """A Kubernetes pod's start through containerd's CRI (a private containerd, as the CRI
+    tests start it): RunPodSandbox, then CreateContainer + StartContainer of one container, as
+    kubelet asks; and the pod's removal (StopPodSandbox + RemovePodSandbox)."""
+    from integration.cri import CriClient, Pods, make_images, private_containerd
+
+    rows: list[list[str]] = []
+    base_start: float | str = "–"
+    base_stop: float | str = "–"
+    with private_containerd(make_images(work / "cri-images")) as daemon:
+        client = CriClient(daemon.endpoint)
+        try:
+            for handler in ("runc", "bonneville"):
+                pods = Pods(client, daemon, handler, work / "pod-logs" / handler)
+                starts: list[float] = []
+                stops: list[float] = []
+                for run in range(runs + 1):  # the first is a warm-up
+                    began = time.perf_counter()
+                    pod = pods.pod(f"bench-{handler}-{run}")
+                    pods.container(pod, "app", ["sleep", "3600"])
+                    started = time.perf_counter()
+                    client.stop_pod_sandbox(pod.id)
+                    client.remove_pod_sandbox(pod.id)
+                    if run:
+                        starts.append(started - began)
+                        stops.append(time.perf_counter() - started)
+                start, stop = statistics.median(starts), statistics.median(stops)
+                if handler == "runc":
+                    base_start, base_stop = start, stop
+                rows.append([handler, *fmt(start, base_start), *fmt(stop, base_stop)])
+        finally:
+            client.close()
+    return table(
+        ["handler", "pod start (runp + create + start)", "×runc", "stopp + rmp", "×runc"],
+        rows,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
@@ -416,6 +454,8 @@ def main() -> None:
             print(bench_memory(work) + "\n", flush=True)
         if "io" in only:
             print(bench_io(work) + "\n", flush=True)
+        if "pod" in only:
+            print(bench_pod(work, args.runs) + "\n", flush=True)
 
 
 if __name__ == "__main__":

@@ -462,6 +462,28 @@ def test_network_host_publishes_ports_and_reaches_the_host(docker: Docker) -> No
     assert not _port_open(port)
 
 
+def test_a_hosts_loopback_service_stays_out_of_reach(docker: Docker) -> None:
+    """Host safety: a container on a user network (with the DNS relay) reaches no service bound
+    to the host's loopback: not through the user-mode stack's host address (it has no such NIC),
+    not through its gateway (the host's side of the bridge), not through docker's resolver
+    address (the relay carries DNS messages to port 53 only)."""
+    docker.ok("network", "create", "bsafe")
+    try:
+        with _host_server(b"secret\n") as port:
+            gateway = docker.ok(
+                "network", "inspect", "-f", "{{(index .IPAM.Config 0).Gateway}}", "bsafe"
+            ).strip()
+            probe = " ; ".join(
+                f"wget -T 5 -qO- http://{host}:{port}/ && echo REACHED {host}"
+                for host in ("10.0.2.2", gateway, "127.0.0.11", "127.0.0.1")
+            )
+            result = docker.run("--network", "bsafe", IMAGE, "sh", "-c", probe + "; echo done")
+            assert result.stdout.decode().strip().splitlines()[-1] == "done", result
+            assert b"REACHED" not in result.stdout and b"secret" not in result.stdout, result
+    finally:
+        docker("network", "rm", "bsafe")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
