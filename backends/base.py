@@ -209,7 +209,7 @@ def preload_backend(name: str) -> None:
         module = importlib.import_module(target.partition(":")[0])
         for extra in getattr(module, "PRELOAD", ()):  # what only a launch imports
             importlib.import_module(extra)
-        importlib.import_module("bonneville.guest.image")
+        importlib.import_module("bonneville.backends.image")
 
 
 def get_backend(name: str) -> Backend:

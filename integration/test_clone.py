@@ -78,7 +78,7 @@ def test_concurrent_creates_build_one_template_and_clone_it(
 
 def test_each_clone_gets_a_new_generation_id(tmp_path: Path, template_dir: Path) -> None:
     """vmgenid: a new GUID per clone, which makes the guest kernel reseed its RNG."""
-    from bonneville.guest.image import ensure_image
+    from bonneville.backends.image import ensure_image
 
     image = ensure_image()
     backend = QemuBackend(clone=True)

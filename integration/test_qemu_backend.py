@@ -4,7 +4,7 @@ Most tests boot the host's Debian kernel with a tiny busybox initramfs built her
 loads the virtio modules, writes a file through the 9p share, says "ready rw" ("ready ro" if it
 could not) on the agent port and echoes lines back), so they need neither the guest image nor
 the agent. The last test boots the
-real guest image when `bonneville.guest.image` exists and speaks the protocol's `hello`.
+real guest image when `bonneville.backends.image` exists and speaks the protocol's `hello`.
 """
 
 from __future__ import annotations
@@ -378,9 +378,9 @@ def test_sigkill_of_the_launcher_kills_qemu(tmp_path: Path, test_guest: tuple[st
 def test_real_guest_hello(launch: Launcher) -> None:
     """The guest image and its agent answer `hello` over the VM's channel."""
     try:
-        from bonneville.guest.image import ensure_image
+        from bonneville.backends.image import ensure_image
     except ImportError:
-        pytest.skip("bonneville.guest.image is not there yet")
+        pytest.skip("bonneville.backends.image is not there yet")
     image = ensure_image()
     vm = launch(kernel=image.kernel, initrd=image.initrd, kernel_args=tuple(image.kernel_args))
     vm.channel.sendall(

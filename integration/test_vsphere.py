@@ -342,7 +342,7 @@ def test_instant_clone_refused_by_the_server_falls_back_to_a_linked_clone(
     """vcsim speaks API 6.5; claiming 6.7 makes `auto` call InstantClone_Task for real, and
     the server's own fault (MethodNotFound) must send the backend down the chain."""
     from bonneville.backends.base import VMConfig
-    from bonneville.guest.image import ensure_image
+    from bonneville.backends.image import ensure_image
 
     monkeypatch.setattr(vsb, "api_version", lambda si: (6, 7))
     image = ensure_image()

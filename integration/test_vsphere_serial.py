@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from bonneville.backends.image import ensure_image, find_kernel
 from bonneville.backends.vsphere import media
 from bonneville.backends.vsphere.transport import SerialListener, new_token
 from bonneville.guest import protocol
-from bonneville.guest.image import ensure_image, find_kernel
 from bonneville.shim.agent_client import AgentConnection
 from tests.support import make_busybox_rootfs
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from bonneville.guest import image
-from bonneville.guest.image import ImageError, Tree
+from bonneville.backends import image
+from bonneville.backends.image import ImageError, Tree
 from bonneville.spec.errors import BonnevilleError
 
 ELF = b"\x7fELF\x02\x01\x01" + bytes(range(256)) * 64
@@ -227,7 +227,7 @@ def inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[image.Kerne
         (tmp_path / name).write_bytes(name.encode())
     package = tmp_path / "guest"
     package.mkdir()
-    for name in ("__init__.py", "protocol.py", "image.py"):
+    for name in ("__init__.py", "protocol.py", "init.sh"):
         (package / name).write_text(f"# {name}\n")
     monkeypatch.setattr(image, "PYTHON", str(tmp_path / "python"))
     monkeypatch.setattr(image, "BUSYBOX", str(tmp_path / "busybox"))
@@ -242,7 +242,7 @@ def test_cache_key_follows_every_input(inputs: tuple[image.Kernel, Path]) -> Non
     kernel, package = inputs
     key, recorded = image.compute_key(kernel, package)
     assert image.compute_key(kernel, package)[0] == key  # stable
-    assert "image.py" not in recorded["guest"]  # the builder enters as "builder"
+    assert sorted(recorded["guest"]) == ["__init__.py", "protocol.py"]  # init.sh enters as "init"
 
     (package / "agent.py").write_text("def main(argv): return 0\n")  # the agent appears
     key_agent = image.compute_key(kernel, package)[0]
@@ -257,7 +257,11 @@ def test_cache_key_follows_every_input(inputs: tuple[image.Kernel, Path]) -> Non
     assert key_kernel != key_agent2
 
     Path(image.PYTHON).write_bytes(b"python, upgraded")
-    assert image.compute_key(kernel, package)[0] != key_kernel
+    key_python = image.compute_key(kernel, package)[0]
+    assert key_python != key_kernel
+
+    (package / "init.sh").write_text("#!/bin/sh\nexec agent\n")  # /init changes
+    assert image.compute_key(kernel, package)[0] != key_python
 
 
 def test_missing_protocol_is_an_image_error(inputs: tuple[image.Kernel, Path]) -> None:

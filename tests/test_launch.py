@@ -68,7 +68,7 @@ print(json.dumps(sorted(sys.modules)))
     ).stdout
     modules = set(json.loads(out))
     assert "bonneville.backends.qemu.machine" in modules  # preloaded: what a launch uses
-    assert "bonneville.guest.image" in modules
+    assert "bonneville.backends.image" in modules
     for unwanted in ("click", "jsonschema", "typing", "pathlib", "tomllib", "gzip", "tempfile"):
         assert unwanted not in modules
 

@@ -278,7 +278,7 @@ def template_for(
     memory_mib: int, vcpus: int, nics: int, options: QemuOptions
 ) -> templates.TemplateSpec:
     """The template a container VM of that shape would be cloned from (current image)."""
-    from bonneville.guest.image import ensure_image
+    from bonneville.backends.image import ensure_image
 
     image = ensure_image()
     return templates.TemplateSpec(

@@ -16,7 +16,7 @@ def image() -> None:
 @click.option("--force", is_flag=True, help="rebuild even if the current image is up to date")
 def build(force: bool) -> None:
     """Build the guest image (cached under /var/lib/bonneville; rebuilt when inputs change)."""
-    from bonneville.guest.image import build_image
+    from bonneville.backends.image import build_image
 
     result = build_image(force=force)
     click.echo(f"guest image {result.key[:12]}: {result.kernel} {result.initrd}")
@@ -25,7 +25,7 @@ def build(force: bool) -> None:
 @image.command("ls")
 def ls() -> None:
     """Show the current guest image."""
-    from bonneville.guest.image import image_status
+    from bonneville.backends.image import image_status
 
     click.echo(json.dumps(image_status(), indent=2))
 
@@ -34,7 +34,7 @@ def ls() -> None:
 def prune() -> None:
     """Remove every cached guest image but the current one. A running VM no longer needs the
     files it booted from; a create racing this may fail, so prune when upgrading."""
-    from bonneville.guest.image import prune_images
+    from bonneville.backends.image import prune_images
 
     for key in prune_images():
         click.echo(key)

@@ -149,7 +149,7 @@ class PodVM:
         self.boot(export, [(i.tap, i.mac) for i in self.interfaces])
 
     def boot(self, export: str, nics: list[tuple[str, str]]) -> None:
-        from bonneville.guest.image import ensure_image
+        from bonneville.backends.image import ensure_image
 
         backend = self.backend
         spec = self.cfg.bundle.spec

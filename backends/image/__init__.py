@@ -144,8 +144,8 @@ GUEST_EXTENSIONS: tuple[str, ...] = ("seccomp",)
 GUEST_PACKAGE = "bonneville.guest"
 GUEST_REQUIRED_FILES = ("__init__.py", "protocol.py")
 AGENT_MODULE = "bonneville.guest.agent"
-# Host-only modules of the guest package that never go into the image.
-GUEST_HOST_ONLY = frozenset({"image.py"})
+# The image's /init: it runs in the guest, so it lives in the guest package beside the agent.
+INIT_SCRIPT = "init.sh"
 
 # Directories /init and the agent expect to exist before anything is mounted.
 SKELETON_DIRS = ("proc", "sys", "dev", "run", "mnt", "root", "etc/bonneville", ".container")
@@ -543,7 +543,7 @@ def guest_sources(package_dir: str | os.PathLike[str]) -> dict[str, bytes]:
     sources: dict[str, bytes] = {}
     for name in sorted(os.listdir(package_dir)):
         path = os.path.join(package_dir, name)
-        if name.endswith(".py") and name not in GUEST_HOST_ONLY and not os.path.isdir(path):
+        if name.endswith(".py") and not os.path.isdir(path):
             sources[name] = _read(path)
     for name in GUEST_REQUIRED_FILES:
         if name not in sources:
@@ -683,8 +683,8 @@ def _stat_id(path: str) -> list[Any]:
     return [path, st.st_size, st.st_mtime_ns]
 
 
-def _init_script() -> bytes:
-    return _read(os.path.join(os.path.dirname(os.path.abspath(__file__)), "init.sh"))
+def _init_script(package_dir: str | os.PathLike[str]) -> bytes:
+    return _read(os.path.join(package_dir, INIT_SCRIPT))
 
 
 def compute_key(
@@ -706,7 +706,7 @@ def compute_key(
         "python": _stat_id(PYTHON),
         "busybox": _stat_id(BUSYBOX),
         "builder": hashlib.sha256(builder).hexdigest(),
-        "init": hashlib.sha256(_init_script()).hexdigest(),
+        "init": hashlib.sha256(_init_script(package_dir)).hexdigest(),
         "guest": {n: hashlib.sha256(d).hexdigest() for n, d in sources.items()},
         "modules": [*KERNEL_MODULES, *OPTIONAL_KERNEL_MODULES],
         "disk_modules": list(DISK_KERNEL_MODULES),
@@ -890,7 +890,7 @@ def _build_into(
 
     modules = _add_kernel_modules(tree, kernel)
     _add_busybox(tree)
-    init = _init_script()
+    init = _init_script(package_dir)
     tree.file("init", init, 0o755)
     with tempfile.TemporaryDirectory(prefix="bonneville-image-") as work:
         python_modules = _add_python(tree, Path(work), package_dir)
