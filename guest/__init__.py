@@ -1,1 +1,1 @@
-"""The guest side: the image builder (host) and the agent that runs as PID 1 in each VM."""
+"""The guest side: the agent that runs as PID 1 in each VM (backends/image/ builds its image)."""

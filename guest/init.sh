@@ -1,6 +1,6 @@
 #!/bin/sh
 # /init of every Bonneville guest (busybox sh, PID 1 until it execs the agent).
-# guest/image.py writes this file into the initramfs together with
+# The image builder (backends/image/) writes this file into the initramfs together with
 #   /etc/bonneville/modules          kernel modules to insmod, in dependency order
 #   /etc/bonneville/modules-disk     more of them, loaded with bonneville.root=disk only
 #   /etc/bonneville/python-modules   every Python module the agent needs (selftest imports them)

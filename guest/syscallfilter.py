@@ -5,7 +5,7 @@ Kubernetes ``RuntimeDefault`` or ``Localhost`` profile): a default action, archi
 rules of syscall names, an action and argument conditions. libseccomp's Python bindings
 (Debian's python3-seccomp) compile it, as runc's libseccomp-golang does. Names this kernel or
 libseccomp does not know are skipped, as runc skips them. Standard library plus that extension:
-the image builder packs it (guest/image.py, GUEST_EXTENSIONS).
+the image builder packs it (backends/image/python.py, GUEST_EXTENSIONS).
 """
 
 from __future__ import annotations

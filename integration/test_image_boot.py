@@ -19,6 +19,8 @@ import pytest
 
 from bonneville.backends import image
 from bonneville.backends.image import GuestImage
+from bonneville.backends.image.cpio import read_cpio
+from bonneville.backends.image.kernel import find_kernel, module_name
 from bonneville.backends.qemu.cmdline import QemuOptions, cpu_model
 
 pytestmark = pytest.mark.vm
@@ -83,7 +85,7 @@ def boot(guest: GuestImage, workdir: Path, machine: str = "q35") -> tuple[str, f
 def test_image_layout(built: tuple[GuestImage, Path]) -> None:
     guest, _ = built
     assert Path(guest.kernel).read_bytes()[:4] == b"\x7fELF"
-    entries = image.read_cpio(Path(guest.initrd).read_bytes())
+    entries = read_cpio(Path(guest.initrd).read_bytes())
     for name in (
         "init",
         "usr/bin/busybox",
@@ -103,7 +105,7 @@ def test_image_layout(built: tuple[GuestImage, Path]) -> None:
     packed = {n.split("/")[3] for n in entries if n.startswith("opt/bonneville/bonneville/")}
     assert packed == {"__init__.py", "__pycache__", "guest"}, packed
     modules = entries["etc/bonneville/modules"][1].decode().split()
-    loaded = [image.module_name(m) for m in modules]
+    loaded = [module_name(m) for m in modules]
     assert loaded.index("virtio_ring") < loaded.index("virtio") < loaded.index("virtio_console")
     assert loaded.index("netfs") < loaded.index("fscache") < loaded.index("9p")
     status = image.image_status()
@@ -124,7 +126,7 @@ def test_ensure_image_fast_path_does_not_rebuild(built: tuple[GuestImage, Path])
 def test_selftest_boots_and_powers_off(built: tuple[GuestImage, Path], tmp_path: Path) -> None:
     guest, _ = built
     console, elapsed, _ = boot(guest, tmp_path)
-    release = image.find_kernel().release
+    release = find_kernel().release
     assert "BONNEVILLE SELFTEST PORT OK bonneville.agent" in console, console
     assert "BONNEVILLE SELFTEST 9P OK bonneville-root" in console, console
     assert "BONNEVILLE SELFTEST 9P READ hello from the host" in console, console

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from bonneville.backends.image import ensure_image, find_kernel
+from bonneville.backends.image import ensure_image
+from bonneville.backends.image.kernel import find_kernel
 from bonneville.backends.vsphere import media
 from bonneville.backends.vsphere.transport import SerialListener, new_token
 from bonneville.guest import protocol

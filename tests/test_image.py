@@ -15,7 +15,25 @@ from pathlib import Path
 import pytest
 
 from bonneville.backends import image
-from bonneville.backends.image import ImageError, Tree
+from bonneville.backends.image import build, python
+from bonneville.backends.image.common import ImageError
+from bonneville.backends.image.cpio import Tree, read_cpio
+from bonneville.backends.image.kernel import (
+    KERNEL_ARGS,
+    KERNEL_ENV,
+    MODULE_SIG_MAGIC,
+    XZ_MAGIC,
+    Kernel,
+    extract_vmlinux,
+    find_kernel,
+    kernel_release_of,
+    module_name,
+    parse_modules_builtin,
+    parse_modules_dep,
+    read_module,
+    resolve_modules,
+    strip_module_signature,
+)
 from bonneville.spec.errors import BonnevilleError
 
 ELF = b"\x7fELF\x02\x01\x01" + bytes(range(256)) * 64
@@ -33,28 +51,28 @@ def _bzimage(payload: bytes, release: str = "6.1.0-99-test") -> bytes:
 
 def test_extract_vmlinux_finds_the_xz_payload_after_a_false_magic() -> None:
     packed = lzma.compress(ELF, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32)
-    blob = _bzimage(image.XZ_MAGIC + b"not really xz" + packed)
-    assert image.extract_vmlinux(blob) == ELF
+    blob = _bzimage(XZ_MAGIC + b"not really xz" + packed)
+    assert extract_vmlinux(blob) == ELF
 
 
 def test_extract_vmlinux_gzip_and_plain_elf() -> None:
-    assert image.extract_vmlinux(_bzimage(gzip.compress(ELF))) == ELF
-    assert image.extract_vmlinux(ELF) == ELF
+    assert extract_vmlinux(_bzimage(gzip.compress(ELF))) == ELF
+    assert extract_vmlinux(ELF) == ELF
 
 
 def test_extract_vmlinux_without_payload_is_an_image_error() -> None:
     not_elf = lzma.compress(b"hello", format=lzma.FORMAT_XZ)
     with pytest.raises(ImageError) as info:
-        image.extract_vmlinux(_bzimage(not_elf))
+        extract_vmlinux(_bzimage(not_elf))
     assert isinstance(info.value, BonnevilleError)
 
 
 def test_kernel_release_from_setup_header(tmp_path: Path) -> None:
     path = tmp_path / "vmlinuz-whatever"
     path.write_bytes(_bzimage(b""))
-    assert image.kernel_release_of(str(path)) == "6.1.0-99-test"
+    assert kernel_release_of(str(path)) == "6.1.0-99-test"
     (tmp_path / "plain").write_bytes(b"x" * 1000)
-    assert image.kernel_release_of(str(tmp_path / "plain")) is None
+    assert kernel_release_of(str(tmp_path / "plain")) is None
 
 
 def test_find_kernel_picks_newest_with_modules(
@@ -67,23 +85,23 @@ def test_find_kernel_picks_newest_with_modules(
     for release in ("6.1.0-9-amd64", "6.1.0-10-amd64"):  # 6.2 has no modules: skipped
         (mods / release).mkdir(parents=True)
         (mods / release / "modules.dep").write_text("")
-    monkeypatch.setattr(image, "BOOT_DIR", str(boot))
-    monkeypatch.setattr(image, "MODULES_ROOT", str(mods))
-    monkeypatch.delenv(image.KERNEL_ENV, raising=False)
-    kernel = image.find_kernel()
+    monkeypatch.setattr("bonneville.backends.image.kernel.BOOT_DIR", str(boot))
+    monkeypatch.setattr("bonneville.backends.image.kernel.MODULES_ROOT", str(mods))
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    kernel = find_kernel()
     assert kernel.release == "6.1.0-10-amd64"
     assert kernel.path == str(boot / "vmlinuz-6.1.0-10-amd64")
 
-    monkeypatch.setenv(image.KERNEL_ENV, str(boot / "vmlinuz-6.1.0-9-amd64"))
-    assert image.find_kernel().release == "6.1.0-9-amd64"
-    monkeypatch.setenv(image.KERNEL_ENV, str(boot / "vmlinuz-6.2.0-1-amd64"))
+    monkeypatch.setenv(KERNEL_ENV, str(boot / "vmlinuz-6.1.0-9-amd64"))
+    assert find_kernel().release == "6.1.0-9-amd64"
+    monkeypatch.setenv(KERNEL_ENV, str(boot / "vmlinuz-6.2.0-1-amd64"))
     with pytest.raises(ImageError, match="no modules"):
-        image.find_kernel()
+        find_kernel()
 
-    monkeypatch.delenv(image.KERNEL_ENV)
+    monkeypatch.delenv(KERNEL_ENV)
     shutil.rmtree(mods)
     with pytest.raises(ImageError, match="install linux-image-amd64"):
-        image.find_kernel()
+        find_kernel()
 
 
 # --- cpio -------------------------------------------------------------------------------------
@@ -114,7 +132,7 @@ def test_cpio_round_trip() -> None:
     _sample_tree().write_cpio(out)
     data = out.getvalue()
     assert len(data) % 512 == 0
-    entries = image.read_cpio(data)
+    entries = read_cpio(data)
     assert entries["init"] == (stat.S_IFREG | 0o755, b"#!/bin/sh\necho hi\n")
     assert entries["etc/odd-size"][1] == b"abc"
     assert entries["bin"] == (stat.S_IFLNK | 0o777, b"usr/bin")
@@ -132,7 +150,7 @@ def test_cpio_tool_reads_our_archive(tmp_path: Path) -> None:
     listing = subprocess.run(
         ["cpio", "-it", "--quiet"], input=out.getvalue(), capture_output=True, env=env, check=True
     ).stdout.decode()
-    assert set(listing.split()) == set(image.read_cpio(out.getvalue()))
+    assert set(listing.split()) == set(read_cpio(out.getvalue()))
     content = subprocess.run(
         ["cpio", "-i", "--to-stdout", "--quiet", "usr/bin/busybox"],
         input=out.getvalue(),
@@ -175,48 +193,48 @@ kernel/drivers/virtio/virtio_ring.ko
 
 
 def test_modules_load_after_their_dependencies() -> None:
-    deps = image.parse_modules_dep(MODULES_DEP)
+    deps = parse_modules_dep(MODULES_DEP)
     assert deps["virtio_pci"][0] == "kernel/drivers/virtio/virtio_pci.ko.xz"
-    order = image.resolve_modules(["9p", "virtio_pci"], deps, optional=["virtio_rng", "absent"])
-    names = [image.module_name(p) for p in order]
+    order = resolve_modules(["9p", "virtio_pci"], deps, optional=["virtio_rng", "absent"])
+    names = [module_name(p) for p in order]
     assert sorted(names) == sorted(set(names))  # each once
     for module, (_, requires) in deps.items():
         if module in names:
             for dep in requires:
-                assert names.index(image.module_name(dep)) < names.index(module)
+                assert names.index(module_name(dep)) < names.index(module)
     assert names[-1] == "virtio_rng"  # optional ones come after the wanted ones
     assert "absent" not in names
 
 
 def test_builtin_modules_are_skipped_and_missing_ones_fail() -> None:
-    deps = image.parse_modules_dep(MODULES_DEP)
-    builtin = image.parse_modules_builtin("kernel/drivers/virtio/virtio_mmio.ko\n")
-    assert image.resolve_modules(["virtio_mmio"], deps, builtin) == []
+    deps = parse_modules_dep(MODULES_DEP)
+    builtin = parse_modules_builtin("kernel/drivers/virtio/virtio_mmio.ko\n")
+    assert resolve_modules(["virtio_mmio"], deps, builtin) == []
     with pytest.raises(ImageError, match="neither a module nor built in"):
-        image.resolve_modules(["virtio_blk"], deps, builtin)
+        resolve_modules(["virtio_blk"], deps, builtin)
 
 
 def test_strip_module_signature() -> None:
     body = b"\x7fELF module body"
     sig = b"S" * 300
     info = bytes([0, 0, 2, 0, 0, 0, 0, 0]) + len(sig).to_bytes(4, "big")
-    signed = body + sig + info + image.MODULE_SIG_MAGIC
-    assert image.strip_module_signature(signed) == body
-    assert image.strip_module_signature(body) == body
+    signed = body + sig + info + MODULE_SIG_MAGIC
+    assert strip_module_signature(signed) == body
+    assert strip_module_signature(body) == body
 
 
 def test_read_module_decompresses(tmp_path: Path) -> None:
     (tmp_path / "a.ko.xz").write_bytes(lzma.compress(b"\x7fELFa"))
     (tmp_path / "b.ko").write_bytes(b"\x7fELFb")
-    assert image.read_module(str(tmp_path / "a.ko.xz")) == b"\x7fELFa"
-    assert image.read_module(str(tmp_path / "b.ko")) == b"\x7fELFb"
+    assert read_module(str(tmp_path / "a.ko.xz")) == b"\x7fELFa"
+    assert read_module(str(tmp_path / "b.ko")) == b"\x7fELFb"
 
 
 # --- cache key and the image directory --------------------------------------------------------
 
 
 @pytest.fixture
-def inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[image.Kernel, Path]:
+def inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Kernel, Path]:
     """Fake kernel, interpreter, busybox and guest package; the image dir under tmp_path."""
     mods = tmp_path / "modules" / "6.1.0-99-test"
     mods.mkdir(parents=True)
@@ -229,20 +247,24 @@ def inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[image.Kerne
     package.mkdir()
     for name in ("__init__.py", "protocol.py", "init.sh"):
         (package / name).write_text(f"# {name}\n")
-    monkeypatch.setattr(image, "PYTHON", str(tmp_path / "python"))
-    monkeypatch.setattr(image, "BUSYBOX", str(tmp_path / "busybox"))
+    monkeypatch.setattr(python, "PYTHON", str(tmp_path / "python"))
+    monkeypatch.setattr(build, "BUSYBOX", str(tmp_path / "busybox"))
     monkeypatch.setenv(image.IMAGE_DIR_ENV, str(tmp_path / "images"))
-    kernel = image.Kernel(str(vmlinuz), "6.1.0-99-test", str(mods))
+    kernel = Kernel(str(vmlinuz), "6.1.0-99-test", str(mods))
     monkeypatch.setattr(image, "find_kernel", lambda: kernel)
-    monkeypatch.setattr(image, "guest_package_dir", lambda: package)
+    monkeypatch.setattr(python, "guest_package_dir", lambda: package)
     return kernel, package
 
 
-def test_cache_key_follows_every_input(inputs: tuple[image.Kernel, Path]) -> None:
+def test_cache_key_follows_every_input(inputs: tuple[Kernel, Path]) -> None:
     kernel, package = inputs
     key, recorded = image.compute_key(kernel, package)
     assert image.compute_key(kernel, package)[0] == key  # stable
     assert sorted(recorded["guest"]) == ["__init__.py", "protocol.py"]  # init.sh enters as "init"
+    # Each module of the builder is hashed: changing any of them makes a new image.
+    builder = sorted(p.name for p in Path(image.__file__).parent.glob("*.py"))
+    assert sorted(recorded["builder"]) == builder
+    assert {"__init__.py", "build.py", "cpio.py", "kernel.py", "python.py"} <= set(builder)
 
     (package / "agent.py").write_text("def main(argv): return 0\n")  # the agent appears
     key_agent = image.compute_key(kernel, package)[0]
@@ -256,7 +278,7 @@ def test_cache_key_follows_every_input(inputs: tuple[image.Kernel, Path]) -> Non
     key_kernel = image.compute_key(kernel, package)[0]
     assert key_kernel != key_agent2
 
-    Path(image.PYTHON).write_bytes(b"python, upgraded")
+    Path(python.PYTHON).write_bytes(b"python, upgraded")
     key_python = image.compute_key(kernel, package)[0]
     assert key_python != key_kernel
 
@@ -264,7 +286,7 @@ def test_cache_key_follows_every_input(inputs: tuple[image.Kernel, Path]) -> Non
     assert image.compute_key(kernel, package)[0] != key_python
 
 
-def test_missing_protocol_is_an_image_error(inputs: tuple[image.Kernel, Path]) -> None:
+def test_missing_protocol_is_an_image_error(inputs: tuple[Kernel, Path]) -> None:
     kernel, package = inputs
     (package / "protocol.py").unlink()
     with pytest.raises(ImageError, match=r"protocol\.py is missing"):
@@ -272,25 +294,25 @@ def test_missing_protocol_is_an_image_error(inputs: tuple[image.Kernel, Path]) -
 
 
 def _fake_build(calls: list[str]) -> object:
-    def build(out: Path, kernel: image.Kernel, package: Path, key: str, inputs: object) -> None:
+    def fake(out: Path, kernel: Kernel, package: Path, key: str, inputs: object) -> None:
         calls.append(key)
         (out / "vmlinux").write_bytes(b"elf")
         (out / "initramfs.img").write_bytes(b"cpio")
         (out / "manifest.json").write_text(json.dumps({"key": key}))
 
-    return build
+    return fake
 
 
 def test_ensure_image_builds_once_then_takes_the_fast_path(
-    inputs: tuple[image.Kernel, Path], monkeypatch: pytest.MonkeyPatch
+    inputs: tuple[Kernel, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[str] = []
-    monkeypatch.setattr(image, "_build_into", _fake_build(calls))
+    monkeypatch.setattr(build, "build_into", _fake_build(calls))
     first = image.ensure_image()
     second = image.ensure_image()
     assert first == second and calls == [first.key]
     assert Path(first.kernel).read_bytes() == b"elf"
-    assert first.kernel_args == image.KERNEL_ARGS
+    assert first.kernel_args == KERNEL_ARGS
     assert image.image_status()["built"] is True
 
     image.build_image(force=True)
@@ -305,13 +327,13 @@ def test_ensure_image_builds_once_then_takes_the_fast_path(
 
 
 def test_failed_build_leaves_nothing(
-    inputs: tuple[image.Kernel, Path], monkeypatch: pytest.MonkeyPatch
+    inputs: tuple[Kernel, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def broken(out: Path, *args: object) -> None:
         (out / "vmlinux").write_bytes(b"half")
         raise ImageError("boom")
 
-    monkeypatch.setattr(image, "_build_into", broken)
+    monkeypatch.setattr(build, "build_into", broken)
     with pytest.raises(ImageError, match="boom"):
         image.ensure_image()
     images = Path(os.environ[image.IMAGE_DIR_ENV])

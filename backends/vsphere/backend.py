@@ -532,7 +532,7 @@ class VSphereBackend(Backend):
 
     def _launch(self, config: VMConfig, netns_fd: int) -> VM:
         cfg = self.settings
-        from bonneville.backends.image import find_kernel
+        from bonneville.backends.image.kernel import find_kernel
 
         image_dir = os.path.dirname(config.kernel)
         image_key = os.path.basename(image_dir)
