@@ -11,7 +11,9 @@ named by --mirror) at commit 28f43fa, the last one that builds with Debian 12's 
 from its vendored dependencies. Each test binary runs from that directory (it unpacks
 rootfs-amd64.tar.gz and copies runtimetest from there) with RUNTIME set; its TAP output is kept
 under --out. Bonneville runs with its own --root, so the run never sees other containers.
-Standard library only; run as root (runc and bonneville need it).
+The `bonneville` tested is this checkout's (a launcher written as the tests write theirs,
+tests/support.py), unless --bonneville names another. Standard library and this repository
+only; run as root (runc and bonneville need it).
 """
 
 from __future__ import annotations
@@ -247,7 +249,7 @@ def main() -> int:
     parser.add_argument("--mirror", help="a bare git repository of runtime-tools to use")
     parser.add_argument("--out", default="/tmp/bonneville-conformance")
     parser.add_argument("--runtimes", default="runc,bonneville")
-    parser.add_argument("--bonneville", default=shutil.which("bonneville") or "bonneville")
+    parser.add_argument("--bonneville", help="the CLI to test (default: this checkout's)")
     parser.add_argument("--root", default="/run/bonneville-conformance")
     parser.add_argument("--tests", help="comma-separated names (default: all)")
     parser.add_argument("--timeout", type=float, default=900.0, help="per test binary")
@@ -264,6 +266,12 @@ def main() -> int:
         print(table([r for r in kept if r is not None], runtimes))
         return 0
 
+    if not args.bonneville:
+        # This checkout's code, whatever install.sh last installed on PATH.
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from tests.support import use_checkout_launcher
+
+        args.bonneville = str(use_checkout_launcher())
     src = os.path.abspath(args.src)
     fetch(src, args.mirror)
     build(src)
