@@ -29,7 +29,13 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.support import host_links_of_ours, leftover_processes, make_busybox_rootfs, stop_daemon
+from tests.support import (
+    forwarding_accepted,
+    host_links_of_ours,
+    leftover_processes,
+    make_busybox_rootfs,
+    stop_daemon,
+)
 
 if TYPE_CHECKING:
     import grpc
@@ -364,7 +370,16 @@ def private_containerd(
 ) -> Iterator[Containerd]:
     """A containerd of our own (root, state, socket, CNI config under /tmp) with the CRI plugin,
     the runtime ``handlers`` (default: handler_binaries()) and ``images`` imported; afterwards
-    the daemon, its shims, the bridge and everything it mounted are gone."""
+    the daemon, its shims, the bridge and everything it mounted are gone. The CNI bridge
+    forwards whatever the host's FORWARD policy is (forwarding_accepted)."""
+    with forwarding_accepted(CNI_BRIDGE), _private_containerd(images, handlers) as daemon:
+        yield daemon
+
+
+@contextlib.contextmanager
+def _private_containerd(
+    images: list[Image], handlers: dict[str, str] | None
+) -> Iterator[Containerd]:
     lock = open(LOCK, "w")  # noqa: SIM115
     fcntl.flock(lock, fcntl.LOCK_EX)
     # Short paths: the shims put unix sockets under the state dir.

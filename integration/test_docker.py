@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from integration.backends import BACKENDS, URIS, use_backend
-from tests.support import Docker, host_links_of_ours, private_dockerd
+from tests.support import Docker, host_links_of_ours, network_bridge_option, private_dockerd
 
 pytestmark = [
     pytest.mark.vm,
@@ -350,7 +350,7 @@ def test_networking_bridge_ports_and_peers(docker: Docker) -> None:
 
 
 def test_user_network_peers(docker: Docker) -> None:
-    docker.ok("network", "create", "bnet")
+    docker.ok("network", "create", *network_bridge_option("bnet"), "bnet")
     server = ""
     try:
         server = docker.ok(
@@ -397,7 +397,10 @@ def test_ipv6_network_gets_a_link_local_address_from_the_containers_mac(docker: 
     """Not the template's: every clone starts with its template's MAC (and IPv6 off). And the
     address dockerd gave the veth, usable at once (no DAD, as dockerd adds it), with the
     default route: the bridge answers a ping over IPv6."""
-    docker.ok("network", "create", "--ipv6", "--subnet", "fd00:b0::/64", "bnet6")
+    docker.ok(
+        "network", "create", *network_bridge_option("bnet6"), "--ipv6", "--subnet", "fd00:b0::/64",
+        "bnet6",
+    )  # fmt: skip
     try:
         shown = docker.run(
             "--network",
@@ -467,7 +470,7 @@ def test_a_hosts_loopback_service_stays_out_of_reach(docker: Docker) -> None:
     to the host's loopback: not through the user-mode stack's host address (it has no such NIC),
     not through its gateway (the host's side of the bridge), not through docker's resolver
     address (the relay carries DNS messages to port 53 only)."""
-    docker.ok("network", "create", "bsafe")
+    docker.ok("network", "create", *network_bridge_option("bsafe"), "bsafe")
     try:
         with _host_server(b"secret\n") as port:
             gateway = docker.ok(

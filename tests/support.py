@@ -300,7 +300,8 @@ def stop_daemon(daemon: subprocess.Popen[bytes], base: Path) -> None:
 
 # ---- a private dockerd (integration tests and benchmarks) -----------------------------------
 
-DOCKER_BRIDGE = "bvtest0"
+DOCKER_BRIDGE_PREFIX = "bvtest"  # every bridge of the private dockerd's networks
+DOCKER_BRIDGE = DOCKER_BRIDGE_PREFIX + "0"
 DOCKER_BRIDGE_ADDRESS = "172.31.250.1/24"
 
 
@@ -335,10 +336,47 @@ class Docker:
 
 
 @contextlib.contextmanager
+def forwarding_accepted(interfaces: str) -> Iterator[None]:
+    """Packets to and from the bridges ``interfaces`` (an iptables name, ``bvtest+``) pass the
+    host's FORWARD chain while the private daemon runs: a host whose own dockerd set FORWARD's
+    policy to DROP (and bridge-nf-call-iptables, which sends bridged frames through it) must not
+    cut our containers off from each other. Rules of our own, first in the chain, removed
+    afterwards; nothing else of the host's firewall is touched."""
+    rules = [["-i", interfaces, "-j", "ACCEPT"], ["-o", interfaces, "-j", "ACCEPT"]]
+    tools = [tool for tool in ("iptables", "ip6tables") if shutil.which(tool)]
+    added: list[tuple[str, list[str]]] = []
+    try:
+        for tool in tools:
+            for rule in rules:
+                subprocess.run([tool, "-w", "-I", "FORWARD", *rule], check=True)
+                added.append((tool, rule))
+        yield
+    finally:
+        for tool, rule in added:
+            subprocess.run([tool, "-w", "-D", "FORWARD", *rule], check=False)
+
+
+# The bridges of networks the tests create: covered by the rules of forwarding_accepted.
+def network_bridge_option(name: str) -> list[str]:
+    """`docker network create` options that name the network's bridge after ``name``."""
+    return ["-o", f"com.docker.network.bridge.name={DOCKER_BRIDGE_PREFIX}-{name}"]
+
+
+@contextlib.contextmanager
 def private_dockerd(runtimes: dict[str, dict[str, object]], image: str) -> Iterator[Docker]:
     """A dockerd of our own (data-root, exec-root, socket and bridge under /tmp) with these
     runtimes (daemon.json's form: name → {"path", "runtimeArgs"}) and a busybox ``image``;
-    everything it made is gone afterwards."""
+    everything it made is gone afterwards. Its bridges forward whatever the host's FORWARD
+    policy is (forwarding_accepted)."""
+    with (
+        forwarding_accepted(DOCKER_BRIDGE_PREFIX + "+"),
+        _private_dockerd(runtimes, image) as client,
+    ):
+        yield client
+
+
+@contextlib.contextmanager
+def _private_dockerd(runtimes: dict[str, dict[str, object]], image: str) -> Iterator[Docker]:
     import fcntl
     import signal
     import time
