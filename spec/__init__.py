@@ -1,4 +1,4 @@
-"""config.json, state and features: loading, JSON-Schema validation and defaults.
+"""config.json and state: loading, JSON-Schema validation and defaults.
 
 Submodules are imported by name (``bonneville.spec.config``) so that light commands never pay for
 the heavy ones.

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from bonneville.shim.features import features
 from bonneville.spec.config import load_bundle
 from bonneville.spec.defaults import default_spec
-from bonneville.spec.features import features
 
 
 @pytest.fixture

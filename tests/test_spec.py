@@ -662,7 +662,7 @@ def test_jsonschema_imported_only_when_validating(tmp_path: Path) -> None:
     bundle = make_bundle(tmp_path, default_spec())
     script = f"""
 import sys
-import bonneville.spec.config, bonneville.spec.defaults, bonneville.spec.features
+import bonneville.spec.config, bonneville.spec.defaults
 import bonneville.spec.errors
 assert "jsonschema" not in sys.modules, "imported at module level"
 bonneville.spec.config.load_bundle({str(bundle)!r}, validate=False)

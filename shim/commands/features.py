@@ -10,7 +10,7 @@ import click
 @click.command("features")
 def features() -> None:
     """Show the enabled features (runtime-spec features.md)."""
-    from bonneville.spec.features import features as build
+    from bonneville.shim.features import features as build
 
     click.echo(json.dumps(build(), indent="    "))
 
