@@ -192,7 +192,7 @@ def backend_for_create(flag: str | None = None) -> str:
     file's, else qemu."""
     if flag:
         return flag
-    from bonneville.shim import settings
+    from bonneville.spec import settings
 
     return str(
         settings.get("runtime", "backend", env="BONNEVILLE_BACKEND", default=DEFAULT_BACKEND)

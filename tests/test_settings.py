@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from bonneville.shim import settings
 from bonneville.shim.lifecycle import Context
 from bonneville.shim.state import Store
+from bonneville.spec import settings
 from bonneville.spec.errors import ConfigError
 
 

@@ -51,7 +51,7 @@ class Target:
 
 
 def default_uri(environ: Mapping[str, str] | None = None) -> str:
-    from bonneville.shim import settings
+    from bonneville.spec import settings
 
     configured = settings.get("libvirt", "uri", env=URI_ENV, environ=environ)
     if configured:

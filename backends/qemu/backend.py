@@ -66,7 +66,7 @@ def detect_accel(
 
 def clone_enabled() -> bool:
     """Whether VMs start as clones of templates ($BONNEVILLE_CLONE, else [qemu] clone, else on)."""
-    from bonneville.shim import settings
+    from bonneville.spec import settings
 
     return settings.get_bool("qemu", "clone", env=CLONE_ENV, default=True)
 

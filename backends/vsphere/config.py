@@ -12,7 +12,7 @@ import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from bonneville.shim import settings
+from bonneville.spec import settings
 from bonneville.spec.errors import ConfigError
 
 SECTION = "vsphere"
