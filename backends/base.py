@@ -17,6 +17,7 @@ import socket
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
+from bonneville.backends.atomicfile import atomic_write
 from bonneville.spec.errors import BackendError
 
 TYPE_CHECKING = False
@@ -157,8 +158,6 @@ JOURNAL_FILE = "backend-journal.json"
 
 
 def write_journal(run_dir: str, private: dict[str, Any]) -> None:
-    from bonneville.shim.state import atomic_write
-
     atomic_write(os.path.join(run_dir, JOURNAL_FILE), json.dumps(private).encode())
 
 

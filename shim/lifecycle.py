@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from bonneville.backends import procfs
+from bonneville.backends.atomicfile import atomic_write
 from bonneville.shim import cgroups, hooks, hostns, ids, state, unixsock
 from bonneville.shim.control import Op, Request
 from bonneville.shim.state import ContainerState, Store
@@ -121,7 +122,7 @@ def _read_phase(sock: socket.socket, deadline: float) -> dict[str, Any]:
 
 def write_pid_file(path: str, pid: int) -> None:
     """Digits only, no newline, written atomically (containerd reads it as soon as it exists)."""
-    state.atomic_write(os.path.abspath(path), str(pid).encode(), mode=0o644)
+    atomic_write(os.path.abspath(path), str(pid).encode(), mode=0o644)
 
 
 def create(

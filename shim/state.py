@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from bonneville.backends.atomicfile import atomic_write
 from bonneville.shim.ids import is_valid_id, validate_id
 from bonneville.spec.errors import BonnevilleError, ContainerExists, ContainerNotFound
 
@@ -112,29 +113,6 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "dict[str, Any]": (dict,),
     "list[dict[str, Any]]": (list,),
 }
-
-
-def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
-    """Write to a temp file in the same directory, then rename: readers never see halves.
-
-    No fsync (as runc's state): everything written here describes processes and VMs that a
-    host crash ends too, and an fsync costs ~8 ms on a disk-backed --root, several per create.
-    """
-    directory = os.path.dirname(path) or "."
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-    finally:
-        os.close(fd)
-    try:
-        os.rename(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 class Store:

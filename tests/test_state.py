@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from bonneville.backends import procfs
+from bonneville.backends.atomicfile import atomic_write
 from bonneville.shim.ids import validate_id
 from bonneville.shim.signals import parse_signal
-from bonneville.shim.state import ContainerState, Store, atomic_write
+from bonneville.shim.state import ContainerState, Store
 from bonneville.shim.status import Status
 from bonneville.spec.errors import BonnevilleError, ContainerExists, ContainerNotFound
 

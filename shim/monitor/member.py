@@ -23,6 +23,7 @@ import signal
 import socket
 import traceback
 
+from bonneville.backends.atomicfile import atomic_write
 from bonneville.guest import protocol
 from bonneville.shim import console, hostns, state, unixsock
 from bonneville.shim.control import VM_KILLED_STATUS, Op, Phase, Request, phase
@@ -191,7 +192,7 @@ class Member:
 
     def _record(self, status: int, signum: int | None) -> int:
         with contextlib.suppress(OSError):
-            state.atomic_write(
+            atomic_write(
                 os.path.join(self.cfg.state_dir, state.EXIT_FILE),
                 json.dumps(
                     {"status": status, "signal": signum, "time": state.now_rfc3339()}

@@ -24,6 +24,7 @@ import socket
 import traceback
 from collections.abc import Callable
 
+from bonneville.backends.atomicfile import atomic_write
 from bonneville.backends.base import Capability
 from bonneville.guest import protocol
 from bonneville.shim import console, network, state, unixsock
@@ -304,7 +305,7 @@ class Pod:
     def _finish(self, status: int, signum: int | None = None) -> None:
         """Record the exit status where the CLI finds it, then let the loop end."""
         with contextlib.suppress(OSError):
-            state.atomic_write(
+            atomic_write(
                 os.path.join(self.cfg.state_dir, state.EXIT_FILE),
                 json.dumps(
                     {"status": status, "signal": signum, "time": state.now_rfc3339()}
