@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import subprocess
 from dataclasses import dataclass, field
 
+from bonneville.backends import links
+from bonneville.backends.libvirt import hostnet
 from bonneville.spec.errors import BonnevilleError
 
 TYPE_CHECKING = False
@@ -25,9 +26,6 @@ log = logging.getLogger("bonneville")
 
 CONTAINER_LINK_KINDS = frozenset({"veth", "macvlan", "ipvlan", "macvtap"})
 TAP_PREFIX = "bvtap"
-# The libvirt backend's links (backends/libvirt/hostnet.py): bv + 8 hex of the VM's key + role
-# (c: its end in the container's namespace; h, t: the host's) + NIC index.
-LIBVIRT_LINK = re.compile(r"^bv[0-9a-f]{8}[cht][0-9]{1,2}$")
 _ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 
 
@@ -128,7 +126,7 @@ def _held_by_a_vm(name: str, kind: str | None, carrier: bool) -> bool | None:
     """
     if kind == "tun" and name.startswith(TAP_PREFIX):
         return carrier
-    if kind == "veth" and LIBVIRT_LINK.match(name) and name[10] == "c":
+    if kind == "veth" and hostnet.OUR_LINK.match(name) and name[10] == "c":
         return True
     return None
 
@@ -143,14 +141,14 @@ def make_taps(count: int) -> list[str]:
     are deleted again, never one of the same name that was there before."""
     taps = [f"{TAP_PREFIX}{index}" for index in range(count)]
     commands = [f"{verb} {tap}" for tap in taps for verb in _TAP_VERBS]
-    result = _run_batch("ip", commands, None)
+    result = links.run_batch("ip", commands, None)
     if result.returncode != 0:
         # ip stops at the first line that fails and names it ("Command failed -:N"): the taps
         # added on lines before it are ours.
         _, found, rest = result.stderr.partition("Command failed -:")
         failed = int(rest.split()[0]) if found and rest.split()[0].isdigit() else 0
         remove_taps([tap for i, tap in enumerate(taps) if i * len(_TAP_VERBS) + 1 < failed])
-        raise _failure("ip", result)
+        raise links.batch_error("ip", result)
     return taps
 
 
@@ -159,7 +157,7 @@ _TAP_VERBS = ("tuntap add mode tap dev", "link set up dev")
 
 def remove_taps(taps: list[str]) -> None:
     """Delete our taps (their tc filters go with them); missing ones are fine."""
-    delete_links(taps)
+    links.delete_links(taps)
 
 
 def random_mac() -> str:
@@ -186,10 +184,10 @@ def mirror(interfaces: list[Interface], taps: list[str]) -> None:
         return
     for iface, tap in pairs:
         iface.tap = tap
-    batch("ip", [f"link set dev {tap} mtu {iface.mtu}" for iface, tap in pairs])
-    commands = [line for iface, tap in pairs for line in mirror_commands(iface.name, tap)]
+    links.batch("ip", [f"link set dev {tap} mtu {iface.mtu}" for iface, tap in pairs])
+    commands = [line for iface, tap in pairs for line in links.mirror_commands(iface.name, tap)]
     try:
-        batch("tc", commands)
+        links.batch("tc", commands)
     except BonnevilleError as exc:
         if not any(sign in str(exc) for sign in _QDISC_EXISTS):
             raise
@@ -197,73 +195,12 @@ def mirror(interfaces: list[Interface], taps: list[str]) -> None:
         # (discover() made sure no VM holds it now). Its redirects lead nowhere: start afresh.
         log.info("replacing the ingress redirects an earlier VM left: %s", exc)
         names = [name for iface, tap in pairs for name in (iface.name, tap)]
-        _run_batch("tc", [f"qdisc del dev {name} ingress" for name in names], None, force=True)
-        batch("tc", commands)
+        links.run_batch("tc", [f"qdisc del dev {name} ingress" for name in names], None, force=True)
+        links.batch("tc", commands)
 
 
 # How `tc qdisc add` says the qdisc exists (with the kernel's extended ack, and without).
 _QDISC_EXISTS = ("Exclusivity flag on", "File exists")
-
-
-def mirror_commands(a: str, b: str) -> list[str]:
-    """`tc -batch` lines by which every frame arriving on ``a`` leaves through ``b`` and back
-    (ingress qdiscs with redirects)."""
-    commands = []
-    for src, dst in ((a, b), (b, a)):
-        commands.append(f"qdisc add dev {src} ingress")
-        commands.append(
-            f"filter add dev {src} parent ffff: protocol all u32 match u8 0 0"
-            f" action mirred egress redirect dev {dst}"
-        )
-    return commands
-
-
-def batch(tool: str, commands: list[str], netns: str | None = None) -> None:
-    """Run ``tool -batch -`` (ip or tc) over these command lines, in the network namespace at
-    path ``netns`` if given; the first failure raises."""
-    if not commands:
-        return
-    result = _run_batch(tool, commands, netns)
-    if result.returncode != 0:
-        raise _failure(tool, result)
-
-
-def _failure(tool: str, result: subprocess.CompletedProcess[str]) -> BonnevilleError:
-    detail = "; ".join(line.strip() for line in result.stderr.splitlines() if line.strip())
-    return BonnevilleError(f"{tool}: {detail}")
-
-
-def delete_links(names: list[str], netns: str | None = None) -> list[str]:
-    """Delete these links, in this order, with one `ip` process (in the network namespace at
-    path ``netns`` if given), going on past failures; what went wrong, one line each, other
-    than a link that is not there."""
-    if not names:
-        return []
-    result = _run_batch("ip", [f"link del dev {name}" for name in names], netns, force=True)
-    return [
-        line.strip()
-        for line in result.stderr.splitlines()
-        if line.strip()
-        and "Cannot find device" not in line
-        and not line.startswith("Command failed")
-    ]
-
-
-def _run_batch(
-    tool: str, commands: list[str], netns: str | None, force: bool = False
-) -> subprocess.CompletedProcess[str]:
-    argv = [tool, *(["-force"] if force else []), "-batch", "-"]
-    if netns is not None:
-        argv = ["nsenter", f"--net={netns}", *argv]
-    return subprocess.run(
-        argv,
-        input="\n".join(commands) + "\n",
-        capture_output=True,
-        text=True,
-        env=_ENV,
-        close_fds=True,
-        check=False,
-    )
 
 
 def ipv6_enabled(link: str) -> bool:

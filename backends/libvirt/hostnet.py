@@ -20,18 +20,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 from dataclasses import replace
 
+from bonneville.backends import links
 from bonneville.backends.base import USER_NIC, VMConfig
-from bonneville.shim import network
 from bonneville.spec.errors import BackendError
 
 log = logging.getLogger(__name__)
 
 _ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
-# The names we create (link_names), in the host and in the container's namespace.
-OUR_LINK = network.LIBVIRT_LINK
+# The names we create (link_names), in the host and in the container's namespace: bv + 8 hex
+# of the VM's key + role (c: its end in the container's namespace; h, t: the host's) + NIC
+# index. The monitor (shim/network.py) knows a container's namespace by its c end.
+OUR_LINK = re.compile(r"^bv[0-9a-f]{8}[cht][0-9]{1,2}$")
 DAEMON_PIDFILES = ("/run/libvirtd.pid", "/run/virtqemud.pid")
 
 
@@ -81,7 +84,7 @@ def _run(argv: list[str], netns: str | None = None) -> str:
 
 def _mirror(a: str, b: str, netns: str | None) -> None:
     """Every frame arriving on ``a`` leaves through ``b`` and back (as the monitor's taps)."""
-    network.batch("tc", network.mirror_commands(a, b), netns)
+    links.batch("tc", links.mirror_commands(a, b), netns)
 
 
 def _redirect_source(tap: str) -> str:
@@ -162,6 +165,6 @@ def remove(names: list[str]) -> None:
         return
     # A name that is absent (never made, or the pair's other end took it along) is fine;
     # anything else is a leak someone must hear about.
-    problems = network.delete_links(ours, _removal_netns())
+    problems = links.delete_links(ours, _removal_netns())
     if problems:
         log.warning("cannot delete host links %s: %s", " ".join(ours), "; ".join(problems))
