@@ -22,7 +22,10 @@ from typing import Any
 import pytest
 
 from bonneville.backends.base import JOURNAL_FILE
-from bonneville.backends.vsphere import backend as vsb
+from bonneville.backends.vsphere import clone
+from bonneville.backends.vsphere.backend import VSphereBackend
+from bonneville.backends.vsphere.connection import session, wait_task
+from bonneville.backends.vsphere.inventory import find_vm
 from bonneville.guest.channel import ROOT_DISK_LABEL, ext4_identity
 from integration.vsphere_env import (
     StandInGuest,
@@ -103,7 +106,7 @@ def test_create_makes_the_vm_from_the_template_start_runs_delete_removes_all(
     assert guest.error is None, guest.error
     assert runtime.state("c1")["status"] == "created"
 
-    with vsb.session(vcsim.settings()) as si:
+    with session(vcsim.settings()) as si:
         vm = container_vm(si, "c1")
         assert vm is not None and str(vm.runtime.powerState) == "poweredOn"
         assert vm.config.hardware.numCPU == 2
@@ -229,8 +232,8 @@ def test_a_monitor_killed_during_create_leaves_nothing(
     seen = []
 
     def cloned(journal: dict[str, Any]) -> bool:
-        with vsb.session(vcsim.settings()) as si:
-            seen.append(vsb.find_vm(si, str(journal["vm"])) is not None)
+        with session(vcsim.settings()) as si:
+            seen.append(find_vm(si, str(journal["vm"])) is not None)
         return True
 
     kill_monitor_during_create(runtime, bundle, "j1", cloned)
@@ -257,9 +260,9 @@ def test_vm_powered_off_behind_our_back_stops_the_container(
     with StandInGuest(vcsim, "p1", bundle / "rootfs"):
         runtime("create", "--bundle", str(bundle), "p1", check=True)
     runtime("start", "p1", check=True)
-    with vsb.session(vcsim.settings()) as si:
+    with session(vcsim.settings()) as si:
         vm = container_vm(si, "p1")
-        vsb.wait_task(vm.PowerOffVM_Task(), "power off")
+        wait_task(vm.PowerOffVM_Task(), "power off")
     wait_status(runtime, "p1", "stopped")
     runtime("delete", "p1", check=True)
     assert leftovers(vcsim) == ([], [])
@@ -323,7 +326,7 @@ def test_the_template_is_made_once_with_its_snapshot(
     for cid in ("s1", "s2"):
         with StandInGuest(vcsim, cid, bundle / "rootfs"):
             runtime("create", "--bundle", str(bundle), cid, check=True)
-    with vsb.session(vcsim.settings()) as si:
+    with session(vcsim.settings()) as si:
         templates = [vm for name, vm in vms(si).items() if name.startswith("bonneville-template-")]
         assert len(templates) == 1
         template = templates[0]
@@ -344,11 +347,11 @@ def test_instant_clone_refused_by_the_server_falls_back_to_a_linked_clone(
     from bonneville.backends.base import VMConfig
     from bonneville.backends.image import ensure_image
 
-    monkeypatch.setattr(vsb, "api_version", lambda si: (6, 7))
+    monkeypatch.setattr(clone, "api_version", lambda si: (6, 7))
     image = ensure_image()
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    backend = vsb.VSphereBackend(vcsim.settings(agent_timeout=60))
+    backend = VSphereBackend(vcsim.settings(agent_timeout=60))
     share = tmp_path / "share"  # the export: a directory per container (here one)
     share.mkdir()
     shutil.copytree(busybox_rootfs, share / "ic1", symlinks=True)
@@ -366,11 +369,11 @@ def test_instant_clone_refused_by_the_server_falls_back_to_a_linked_clone(
         vm = backend.launch(config)
     try:
         assert vm.private_state()["clone"] == "linked clone"
-        with vsb.session(vcsim.settings()) as si:
+        with session(vcsim.settings()) as si:
             template = next(v for n, v in vms(si).items() if n.startswith("bonneville-template-"))
             # The instant path needs a running source: the template was powered on for it.
             assert str(template.runtime.powerState) == "poweredOn"
-            vsb.wait_task(template.PowerOffVM_Task(), "powering the template off again")
+            wait_task(template.PowerOffVM_Task(), "powering the template off again")
     finally:
         vm.stop()
         reap_guests()
@@ -388,7 +391,7 @@ def test_delete_after_the_monitor_died_destroys_the_vm_through_the_api(
     monitor = int(str(runtime.state("k1")["pid"]))
     os.kill(monitor, signal.SIGKILL)
     wait_status(runtime, "k1", "stopped")
-    with vsb.session(vcsim.settings()) as si:
+    with session(vcsim.settings()) as si:
         assert container_vm(si, "k1") is not None  # nobody has cleaned up yet
     runtime("delete", "k1", check=True)  # backend.destroy(private state) from the CLI
     assert leftovers(vcsim) == ([], [])

@@ -27,9 +27,11 @@ from typing import Any
 
 import pytest
 
-from bonneville.backends.vsphere import backend as vsb
 from bonneville.backends.vsphere.config import VSphereSettings
+from bonneville.backends.vsphere.connection import session
+from bonneville.backends.vsphere.inventory import children, resolve
 from bonneville.backends.vsphere.transport import preamble
+from bonneville.backends.vsphere.vmomi import vmomi
 from tests.support import terminate
 
 LAUNCHER = Path(__file__).parent / "vcsim" / "main.go"
@@ -120,8 +122,8 @@ def vcsim() -> Iterator[Vcsim]:
 
 
 def vms(si: Any) -> dict[str, Any]:
-    vim = vsb.vmomi().vim
-    return {vm.name: vm for vm in vsb._children(si, si.content.rootFolder, vim.VirtualMachine)}
+    vim = vmomi().vim
+    return {vm.name: vm for vm in children(si, si.content.rootFolder, vim.VirtualMachine)}
 
 
 def extra_config(vm: Any) -> dict[str, str]:
@@ -137,15 +139,15 @@ def container_vm(si: Any, container_id: str) -> Any:
 
 
 def datastore_files(vc: Vcsim) -> list[str]:
-    with vsb.session(vc.settings()) as si:
-        inv = vsb.resolve(si, vc.settings())
+    with session(vc.settings()) as si:
+        inv = resolve(si, vc.settings())
         return inv.datastore.listing("")
 
 
 def datastore_dir(vc: Vcsim) -> Path:
     """Where vcsim keeps the datastore's files on this machine (its summary URL)."""
-    with vsb.session(vc.settings()) as si:
-        inv = vsb.resolve(si, vc.settings())
+    with session(vc.settings()) as si:
+        inv = resolve(si, vc.settings())
         return Path(inv.datastore.ds.summary.url)
 
 
@@ -160,9 +162,9 @@ def _ours_to_keep(path: str) -> bool:
 def leftovers(vc: Vcsim) -> tuple[list[str], list[str]]:
     """(VMs that are not templates, datastore files that are not the ISO or a template's),
     the files both as the API lists them and as vcsim stores them on this machine's disk."""
-    with vsb.session(vc.settings()) as si:
+    with session(vc.settings()) as si:
         names = sorted(n for n in vms(si) if not n.startswith("bonneville-template-"))
-        inv = vsb.resolve(si, vc.settings())
+        inv = resolve(si, vc.settings())
         files = [f for f in inv.datastore.listing("") if not _ours_to_keep(f)]
         local = Path(inv.datastore.ds.summary.url)
     on_disk = [
@@ -221,7 +223,7 @@ class StandInGuest:
 
     def _serve(self) -> None:
         deadline = time.monotonic() + 120
-        with vsb.session(self.vc.settings()) as si:
+        with session(self.vc.settings()) as si:
             while time.monotonic() < deadline:
                 vm = container_vm(si, self.container_id)
                 if vm is not None and str(vm.runtime.powerState) == "poweredOn":

@@ -12,6 +12,7 @@ import ssl
 import urllib.parse
 from typing import Any
 
+from bonneville.backends.vsphere.connection import wait_task
 from bonneville.backends.vsphere.vmomi import vmomi
 from bonneville.spec.errors import BackendError
 
@@ -36,11 +37,6 @@ class Datastore:
         self.name: str = datastore.name
         self.ssl_context = ssl_context
 
-    def _task(self, task: Any, what: str) -> Any:
-        from bonneville.backends.vsphere.backend import wait_task
-
-        return wait_task(task, what)
-
     def exists(self, path: str) -> int | None:
         """Size of the file at ``path`` (relative to the datastore root), None if absent."""
         vim = vmomi().vim
@@ -50,7 +46,7 @@ class Datastore:
             matchPattern=[name], details=vim.host.DatastoreBrowser.FileInfo.Details(fileSize=True)
         )
         try:
-            result = self._task(
+            result = wait_task(
                 self.ds.browser.SearchDatastore_Task(ds_path(self.name, directory), spec),
                 f"listing {ds_path(self.name, directory)}",
             )
@@ -69,7 +65,7 @@ class Datastore:
 
         spec = vim.host.DatastoreBrowser.SearchSpec(matchPattern=["*"])
         try:
-            results = self._task(
+            results = wait_task(
                 self.ds.browser.SearchDatastoreSubFolders_Task(ds_path(self.name, directory), spec),
                 f"listing {ds_path(self.name, directory)}",
             )
@@ -104,7 +100,7 @@ class Datastore:
             task = self.si.content.fileManager.DeleteDatastoreFile_Task(
                 name=ds_path(self.name, path), datacenter=self.dc
             )
-            self._task(task, f"deleting {ds_path(self.name, path)}")
+            wait_task(task, f"deleting {ds_path(self.name, path)}")
         except BackendError as exc:
             if isinstance(exc.__cause__, vim.fault.FileNotFound):
                 return
