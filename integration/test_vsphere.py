@@ -354,7 +354,7 @@ def test_instant_clone_refused_by_the_server_falls_back_to_a_linked_clone(
     backend = VSphereBackend(vcsim.settings(agent_timeout=60))
     share = tmp_path / "share"  # the export: a directory per container (here one)
     share.mkdir()
-    shutil.copytree(busybox_rootfs, share / "ic1", symlinks=True)
+    shutil.copytree(busybox_rootfs, share / "ic1" / "root", symlinks=True)
     config = VMConfig(
         container_id="ic1",
         memory_mib=256,
@@ -380,6 +380,60 @@ def test_instant_clone_refused_by_the_server_falls_back_to_a_linked_clone(
     assert leftovers(vcsim) == ([], [])
     # The local disk image went after its upload; the launch journal stays until delete.
     assert sorted(os.listdir(run_dir)) == [JOURNAL_FILE]
+
+
+def test_an_instant_clone_whose_agent_never_connects_falls_back_to_a_linked_clone(
+    vcsim: Vcsim, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, busybox_rootfs: Path
+) -> None:
+    """`auto`: an instant clone the server made but whose guest never calls back (not
+    fork-aware) is destroyed after INSTANT_AGENT_TIMEOUT and a linked clone takes its place.
+    vcsim has no InstantClone_Task: the first clone is made linked and reported instant."""
+    from bonneville.backends.base import VMConfig
+    from bonneville.backends.image import ensure_image
+    from bonneville.backends.vsphere import backend as vsb_backend
+
+    real_make_vm = vsb_backend.make_vm
+    paths: list[str] = []
+
+    def make_vm(*args: Any) -> tuple[Any, str]:
+        *rest, allow_instant = args
+        vm, path = real_make_vm(*rest, False)
+        path = clone.INSTANT if allow_instant else path
+        paths.append(path)
+        return vm, path
+
+    monkeypatch.setattr(vsb_backend, "make_vm", make_vm)
+    monkeypatch.setattr(vsb_backend, "INSTANT_AGENT_TIMEOUT", 3.0)
+    image = ensure_image()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    backend = VSphereBackend(vcsim.settings(agent_timeout=60))
+    share = tmp_path / "share"
+    share.mkdir()
+    shutil.copytree(busybox_rootfs, share / "fb1" / "root", symlinks=True)
+    config = VMConfig(
+        container_id="fb1",
+        memory_mib=256,
+        vcpus=1,
+        share_dir=str(share),
+        run_dir=str(run_dir),
+        kernel=image.kernel,
+        initrd=image.initrd,
+        kernel_args=image.kernel_args,
+    )
+    with StandInGuest(vcsim, "fb1", busybox_rootfs, ignore_first_vm=True) as guest:
+        vm = backend.launch(config)
+    try:
+        assert paths == [clone.INSTANT, "linked clone"]
+        assert vm.private_state()["clone"] == "linked clone"
+        with session(vcsim.settings()) as si:
+            # The silent instant clone is gone; the one VM of the container is the linked one.
+            assert [n for n in vms(si) if "fb1" in n] == [guest.vm_seen["name"]]
+            assert vm.private_state()["vm"] != guest.ignored
+    finally:
+        vm.stop()
+        reap_guests()
+    assert leftovers(vcsim) == ([], [])
 
 
 def test_delete_after_the_monitor_died_destroys_the_vm_through_the_api(

@@ -187,8 +187,19 @@ class StandInGuest:
     """Plays ESXi + guest for one container: connects to the VM's serial URI when it powers on,
     proves the token, and runs the real agent (host mode, ``root``) on the connection."""
 
-    def __init__(self, vc: Vcsim, container_id: str, root: Path, token: str | None = None) -> None:
+    def __init__(
+        self,
+        vc: Vcsim,
+        container_id: str,
+        root: Path,
+        token: str | None = None,
+        ignore_first_vm: bool = False,
+    ) -> None:
         self.vc = vc
+        # Play a guest that never answers in the container's first VM (an instant clone that
+        # is not fork-aware), and the real one in the next.
+        self.ignore_first_vm = ignore_first_vm
+        self.ignored: str | None = None
         self.container_id = container_id
         self.root = root
         self.forced_token = token
@@ -226,7 +237,9 @@ class StandInGuest:
         with session(self.vc.settings()) as si:
             while time.monotonic() < deadline:
                 vm = container_vm(si, self.container_id)
-                if vm is not None and str(vm.runtime.powerState) == "poweredOn":
+                if vm is not None and self.ignore_first_vm and self.ignored in (None, vm._moId):
+                    self.ignored = vm._moId
+                elif vm is not None and str(vm.runtime.powerState) == "poweredOn":
                     extra = extra_config(vm)
                     self.vm_seen = {"name": vm.name, "extra": extra}
                     break

@@ -32,6 +32,11 @@ from bonneville.spec.errors import BackendError
 log = logging.getLogger("bonneville.vsphere")
 
 
+# Seconds an instant clone's agent has to connect under clone_mode "auto" before the linked
+# clone is tried (its guest is already booted: it answers in well under a second when it does).
+INSTANT_AGENT_TIMEOUT = 20.0
+
+
 def _advertise_host(cfg: VSphereSettings) -> str:
     """The address ESXi reaches us at: configured, else the one we reach vSphere from."""
     if cfg.advertise_host:
@@ -97,8 +102,9 @@ class VSphereBackend(Backend):
             undo.push("close the listener", listener.close)
             allow_instant = True
             while True:
-                # One undo list per attempt: a failed instant clone is removed before the
-                # linked clone is tried; anything else failing unwinds everything.
+                # One undo list per attempt: a failed instant clone (refused, not configurable,
+                # or its agent never connecting) is removed before the linked clone is tried;
+                # anything else failing unwinds everything.
                 attempt = Undo()
                 undo.push("remove the VM", attempt.run)
                 vm, path = make_vm(
@@ -129,19 +135,26 @@ class VSphereBackend(Backend):
                         attempt,
                     )
                     folder_rel = folder[1]
+                    if str(vm.runtime.powerState) != "poweredOn":
+                        wait_task(vm.PowerOnVM_Task(), f"powering on VM {name}")
+                    log.info(
+                        "VM %s powered on; waiting for its agent on %s", name, plan.channel_uri
+                    )
+                    timeout = cfg.agent_timeout
+                    if path == INSTANT and cfg.clone_mode == "auto":
+                        # A fork of the running template is up at once: waiting the whole
+                        # boot-time allowance would only delay the fallback.
+                        timeout = min(timeout, INSTANT_AGENT_TIMEOUT)
+                    channel = listener.accept(token, timeout)
                     break
                 except BackendError as exc:
                     if path != INSTANT or cfg.clone_mode != "auto":
                         raise
-                    log.warning("configuring the instant clone failed (%s): falling back", exc)
+                    log.warning("the instant clone failed (%s): falling back", exc)
                     attempt.run()
                     allow_instant = False
             for local in (disk.flat, disk.descriptor):
                 _unlink(local)
-            if str(vm.runtime.powerState) != "poweredOn":
-                wait_task(vm.PowerOnVM_Task(), f"powering on VM {name}")
-            log.info("VM %s powered on; waiting for its agent on %s", name, plan.channel_uri)
-            channel = listener.accept(token, cfg.agent_timeout)
         except BaseException:
             undo.run()
             raise
