@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 
 from bonneville.guest import container as containers
-from bonneville.guest import hotplug, portwatch, protocol, syscallfilter
+from bonneville.guest import hotplug, portwatch, protocol, spawn, syscallfilter
 from bonneville.guest.channel import Channel, kernel_options
 from bonneville.guest.common import Refused, Stopwatch, describe, errtext, one_line
 from bonneville.guest.container import Container, Plan, check_id
@@ -352,7 +352,7 @@ class Agent:
         watch.lap("share")
         created = Container(container_id, stream, self.mode.cgroup_of(container_id))
         created.seccomp = spec.seccomp
-        containers.create(
+        spawn.create(
             self.mode, created, config, spec, plan, self.containers, self.own_pid_ns, self.log
         )
         self.containers[container_id] = created
@@ -393,7 +393,7 @@ class Agent:
             raise Refused("container already started")
         terminal = target.prepared.spec.terminal
         try:
-            pid, fds = containers.start(target)
+            pid, fds = spawn.start(target)
         except Refused:
             # runc: a container whose process cannot start is stopped.
             target.exited = True
@@ -415,7 +415,7 @@ class Agent:
             raise Refused("cannot exec in a container that is not running")
         spec = ExecSpec(message["process"], bool(message.get("stdin")), self.cap_last)
         spec.seccomp = target.seccomp  # runc applies the container's profile to exec too
-        pid, fds = containers.exec_process(self.mode, target, spec, self.own_pid_ns)
+        pid, fds = spawn.exec_process(self.mode, target, spec, self.own_pid_ns)
         watch.lap("child setup and execve")
         self.track(target, ident, pid, fds, spec.terminal, spec.want_stdin)
         return {"pid": pid, "timings": watch.laps}

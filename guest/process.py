@@ -1,6 +1,7 @@
 """A container process's last steps before execve, in runc's order, and the agent's view of a
-running one (its streams). The namespaces and the root are container.py's; this is what every
-process does inside them: stdio, rlimits, capabilities, user, working directory, the program.
+running one (its streams). The namespaces and the root are made and joined in spawn.py; this
+is what every process does inside them: stdio, rlimits, capabilities, user, working directory,
+the program.
 Standard library only: this module goes into the guest image."""
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class ExecSpec:
                 for kind in ("bounding", "effective", "permitted", "inheritable", "ambient")
             }
         self.cap_last = cap_last
-        # The container's seccomp profile (linux.seccomp), set by container.py.
+        # The container's seccomp profile (linux.seccomp), set by rpc.py's create and exec.
         self.seccomp: dict[str, Any] | None = None
 
     @staticmethod
