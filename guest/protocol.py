@@ -93,7 +93,12 @@ CGROUP_STATS_FILES = (
 )
 
 HEADER = struct.Struct(">BxHI")
-MAX_PAYLOAD = 1 << 20  # 1 MiB: larger frames are a protocol error, never an allocation.
+# Larger frames are a protocol error, never an allocation. Data is split into frames of at most
+# MAX_PAYLOAD; a control frame is one JSON message, and ``create`` and ``exec`` carry a process
+# whose argv and environment may be as large as execve(2) ever takes: 6 MiB (docs/protocol.md,
+# "Large processes"), with room here for JSON escapes and the rest of the request.
+MAX_PAYLOAD = 1 << 20  # 1 MiB
+MAX_CONTROL = 16 << 20  # 16 MiB
 
 CONTROL = 1
 STDIN = 2
@@ -115,8 +120,9 @@ def encode(ftype: int, stream: int, payload: bytes) -> bytes:
     """One frame as bytes."""
     if ftype not in FRAME_TYPES:
         raise ProtocolError(f"unknown frame type {ftype}")
-    if len(payload) > MAX_PAYLOAD:
-        raise ProtocolError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    limit = MAX_CONTROL if ftype == CONTROL else MAX_PAYLOAD
+    if len(payload) > limit:
+        raise ProtocolError(f"payload of {len(payload)} bytes exceeds {limit}")
     return HEADER.pack(ftype, stream, len(payload)) + payload
 
 
@@ -149,7 +155,7 @@ def decode_control(payload: bytes) -> dict[str, Any]:
 class Decoder:
     """Incremental frame parser: feed bytes as they arrive, take whole frames out."""
 
-    def __init__(self, max_buffer: int = 4 * MAX_PAYLOAD) -> None:
+    def __init__(self, max_buffer: int = HEADER.size + MAX_CONTROL) -> None:
         self._buf = bytearray()
         self._max_buffer = max_buffer
 
@@ -161,8 +167,9 @@ class Decoder:
             ftype, stream, length = HEADER.unpack_from(self._buf)
             if ftype not in FRAME_TYPES:
                 raise ProtocolError(f"unknown frame type {ftype}")
-            if length > MAX_PAYLOAD:
-                raise ProtocolError(f"frame of {length} bytes exceeds {MAX_PAYLOAD}")
+            limit = MAX_CONTROL if ftype == CONTROL else MAX_PAYLOAD
+            if length > limit:
+                raise ProtocolError(f"frame of {length} bytes exceeds {limit}")
             end = HEADER.size + length
             if len(self._buf) < end:
                 break

@@ -35,7 +35,16 @@ class AgentConnection:
         return self.sock.fileno()
 
     def send_control(self, message: dict[str, Any], stream: int = protocol.AGENT_STREAM) -> None:
-        self._send(protocol.encode_control(message, stream))
+        try:
+            frame = protocol.encode_control(message, stream)
+        except protocol.ProtocolError as exc:
+            # config.json's checks keep a process well below this (spec/config.py): only a
+            # request bloated elsewhere, or by JSON escapes, gets here.
+            raise AgentError(
+                f"the {message.get('op')} request is over the {protocol.MAX_CONTROL >> 20} MiB"
+                f" the agent channel carries ({exc})"
+            ) from exc
+        self._send(frame)
 
     def send_data(self, ftype: int, stream: int, data: bytes) -> None:
         for frame in protocol.encode_data(ftype, stream, data):

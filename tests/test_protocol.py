@@ -61,6 +61,36 @@ def test_oversized_encode_is_refused() -> None:
         protocol.encode(protocol.STDOUT, 1, b"x" * (protocol.MAX_PAYLOAD + 1))
 
 
+def test_control_frames_carry_what_execve_takes() -> None:
+    """A create or exec request carries a process of up to 6 MiB of argv and environment
+    (spec/config.py); data frames stay at most MAX_PAYLOAD."""
+    message = {"op": "create", "process": {"env": ["X=" + "x" * (6 << 20)]}}
+    frame = protocol.encode_control(message)
+    assert protocol.MAX_PAYLOAD < len(frame) < protocol.MAX_CONTROL
+    decoder = protocol.Decoder()
+    frames = []
+    for i in range(0, len(frame), 65536):  # as the channel reads it
+        frames += decoder.feed(frame[i : i + 65536])
+    assert [protocol.decode_control(p) for _, _, p in frames] == [message]
+    with pytest.raises(protocol.ProtocolError):
+        protocol.encode(protocol.CONTROL, 0, b"x" * (protocol.MAX_CONTROL + 1))
+    with pytest.raises(protocol.ProtocolError):
+        protocol.Decoder().feed(protocol.HEADER.pack(protocol.STDIN, 1, protocol.MAX_PAYLOAD + 1))
+    with pytest.raises(protocol.ProtocolError):
+        protocol.Decoder().feed(protocol.HEADER.pack(protocol.CONTROL, 0, protocol.MAX_CONTROL + 1))
+
+
+def test_host_refuses_a_request_over_the_limit_in_one_line() -> None:
+    host, guest = socket.socketpair()
+    with host, guest:
+        conn = AgentConnection(host)
+        with pytest.raises(AgentError) as info:
+            conn.send_control({"op": "create", "pad": "x" * protocol.MAX_CONTROL})
+        assert str(info.value).startswith("the create request is over the 16 MiB the agent")
+        assert "ProtocolError" not in str(info.value) and "\n" not in str(info.value)
+        assert not conn.closed
+
+
 def test_host_client_matches_replies_and_keeps_other_frames() -> None:
     host, guest = socket.socketpair()
     with host, guest:
