@@ -87,6 +87,14 @@ RLIMIT_TYPES = frozenset(
     }
 )
 
+# execve(2) takes argv and envp (their strings, a NUL each, and a pointer to each) up to a
+# quarter of the process's RLIMIT_STACK, but never more than 3/4 of the kernel's _STK_LIM of
+# 8 MiB (fs/exec.c, bprm_stack_limits): a process beyond that can never start, whatever its
+# limits, and is refused here (the agent protocol could not carry much more). Within it, as
+# under runc, whether the process's own limits allow it is execve's to say, at start.
+EXEC_ARGS_CEILING = 6 << 20
+EXEC_POINTER_SIZE = 8
+
 # SemVer 2.0.0 (config.md: ociVersion MUST be SemVer); only the major number matters to us.
 _SEMVER = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
@@ -578,6 +586,43 @@ def _check_process(process: Mapping[str, Any], where: str, prefix: str) -> None:
         if kind in seen:
             raise ConfigError(where, f"{prefix}.rlimits[{i}]: duplicate rlimit {kind!r}")
         seen.add(kind)
+    _check_exec_size(process, where, prefix)
+
+
+def _check_exec_size(process: Mapping[str, Any], where: str, prefix: str) -> None:
+    """``args`` and ``env`` no kernel could execve (EXEC_ARGS_CEILING), named in the error."""
+    env: dict[str, str] = {}
+    for entry in process.get("env") or ():
+        # As the agent builds the environment: the last of a name wins, "=" is required.
+        key, sep, value = str(entry).partition("=")
+        if sep and key:
+            env[key] = value
+    sizes = {
+        "args": _exec_strings_size(str(arg) for arg in process.get("args") or ()),
+        "env": _exec_strings_size(f"{key}={value}" for key, value in env.items()),
+    }
+    total = sizes["args"] + sizes["env"]
+    if total <= EXEC_ARGS_CEILING:
+        return
+    biggest = max(sizes, key=lambda name: sizes[name])
+    if sizes[biggest] > EXEC_ARGS_CEILING:
+        what = f"{prefix}.{biggest} is {_mib(sizes[biggest])}"
+    else:
+        what = f"{prefix}.args and {prefix}.env are {_mib(total)} together"
+    raise ConfigError(
+        where,
+        f"{what}; the kernel accepts at most {_mib(EXEC_ARGS_CEILING)} of a process's "
+        "arguments and environment",
+    )
+
+
+def _exec_strings_size(strings: Iterable[str]) -> int:
+    """What execve(2) counts for these strings: their bytes, a NUL and a pointer each."""
+    return sum(len(s.encode(errors="surrogatepass")) + 1 + EXEC_POINTER_SIZE for s in strings)
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MiB"
 
 
 # --------------------------------------------------------------------------- building

@@ -655,6 +655,25 @@ def test_parse_process_validates_by_itself() -> None:
     assert info.value.path == "where.json"
 
 
+def test_a_process_no_execve_takes_is_refused_naming_the_field() -> None:
+    """Over 6 MiB of argv and environment (strings, NULs, pointers) no kernel runs; below it,
+    execve decides at start, as under runc."""
+    mib = "x" * (1 << 20)
+    big = exec_process()
+    big["env"] = [f"V{i}={mib}" for i in range(7)]
+    with pytest.raises(ConfigError, match=r"process\.env is 7\.0 MiB; the kernel accepts at most"):
+        parse_process(big, "where.json")
+    big["env"] = [f"V{i}={mib}" for i in range(3)]
+    big["args"] = ["sh", *[mib] * 4]
+    with pytest.raises(ConfigError, match=r"process\.args and process\.env are 7\.0 MiB together"):
+        parse_process(big, "where.json")
+    big["args"] = ["sh"]
+    big["env"] = [f"SAME={mib}"] * 7  # the environment has the last of each name
+    parse_process(big, "where.json")
+    big["env"] = [f"V{i}={mib}" for i in range(5)]
+    parse_process(big, "where.json")
+
+
 # --------------------------------------------------------------------------- lazy import, cache
 
 
