@@ -7,6 +7,7 @@ Standard library only: this module goes into the guest image."""
 from __future__ import annotations
 
 import array
+import errno
 import fcntl
 import os
 import resource
@@ -27,6 +28,13 @@ MAX_FD = 1 << 20  # closerange's end in a new child (close_range(2) makes it che
 TIOCSPTLCK = 0x40045431
 TIOCGPTPEER = 0x5441
 CAP_NUMBERS = {name: number for number, name in enumerate(protocol.CAPABILITIES)}
+
+# execve(2)'s limits on argv and envp (fs/exec.c): each string, with its NUL, at most
+# MAX_ARG_STRLEN; all strings and their pointers at most a quarter of RLIMIT_STACK, but never
+# more than 3/4 of _STK_LIM (spec/config.py refuses more at create) nor less than MAX_ARG_STRLEN.
+MAX_ARG_STRLEN = 32 * 4096
+EXEC_ARGS_CEILING = 6 << 20
+POINTER_SIZE = 8
 
 # What a child tells the agent over its report socket (SOCK_SEQPACKET: one message each;
 # close-on-exec, so a successful execve ends it with end of file, and so does an exit).
@@ -319,4 +327,54 @@ def become(spec: ExecSpec, go: int | None = None) -> None:
     try:
         os.execve(path, spec.args, env)
     except OSError as exc:
+        if exc.errno == errno.E2BIG:
+            why = too_long(spec.args, env)
+            raise ExecError(f"exec {path}: {errtext(exc)} ({why})") from exc
         raise ExecError(f"exec {path}: {errtext(exc)}") from exc
+
+
+def too_long(args: list[str], env: dict[str, str]) -> str:
+    """Why execve(2) found the argument list too long, in config.json's terms: the string, or
+    the field, over the kernel's limit."""
+    for i, arg in enumerate(args):
+        size = len(os.fsencode(arg)) + 1
+        if size > MAX_ARG_STRLEN:
+            return (
+                f"process.args[{i}] is {size_text(size)}; the kernel accepts at most"
+                f" {size_text(MAX_ARG_STRLEN)} per string"
+            )
+    strings = [f"{key}={value}" for key, value in env.items()]
+    for string in strings:
+        size = len(os.fsencode(string)) + 1
+        if size > MAX_ARG_STRLEN:
+            name = string.partition("=")[0]
+            return (
+                f"process.env entry {name} is {size_text(size)}; the kernel accepts at most"
+                f" {size_text(MAX_ARG_STRLEN)} per string"
+            )
+    sizes = {
+        "process.args": sum(len(os.fsencode(a)) + 1 + POINTER_SIZE for a in args),
+        "process.env": sum(len(os.fsencode(e)) + 1 + POINTER_SIZE for e in strings),
+    }
+    big, small = sorted(sizes, key=lambda field: sizes[field], reverse=True)
+    stack = resource.getrlimit(resource.RLIMIT_STACK)[0]
+    finite = stack != resource.RLIM_INFINITY
+    if finite and MAX_ARG_STRLEN <= stack // 4 <= EXEC_ARGS_CEILING:
+        limit, reason = stack // 4, f"a quarter of RLIMIT_STACK, {size_text(stack)}"
+    elif finite and stack // 4 < MAX_ARG_STRLEN:
+        limit, reason = MAX_ARG_STRLEN, "the least it allows, whatever RLIMIT_STACK says"
+    else:
+        limit, reason = EXEC_ARGS_CEILING, "the most it allows, whatever RLIMIT_STACK says"
+    return (
+        f"{big} is {size_text(sizes[big])}, {small} {size_text(sizes[small])}; the kernel"
+        f" accepts at most {size_text(limit)} for both, {reason}"
+    )
+
+
+def size_text(size: int) -> str:
+    """A size as people read it: 12 bytes, 195.3 KiB, 2.9 MiB."""
+    if size >= 1 << 20:
+        return f"{size / (1 << 20):.1f} MiB"
+    if size >= 1 << 10:
+        return f"{size / (1 << 10):.1f} KiB"
+    return f"{size} bytes"

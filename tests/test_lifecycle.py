@@ -132,6 +132,91 @@ def test_a_start_that_cannot_run_the_process_stops_the_container(
     assert not (runtime.root / "c1").exists()
 
 
+# execve(2)'s limits (fs/exec.c): 128 KiB per string; all of argv and envp at most a quarter of
+# RLIMIT_STACK, which the big-process cases set to 8 MiB (2 MiB for both) so the host's own
+# stack limit (fake backend) cannot change the verdict.
+STACK_8_MIB = {"type": "RLIMIT_STACK", "hard": 8 << 20, "soft": 8 << 20}
+
+
+def big_process_bundle(tmp_path: Path, args: list[str], env: list[str]) -> Path:
+    config = default_config(args)
+    process = config["process"]
+    assert isinstance(process, dict)
+    process["env"] = [*process["env"], *env]
+    process["rlimits"] = [*process.get("rlimits", []), STACK_8_MIB]
+    return write_bundle(tmp_path / "bundle", config)
+
+
+def strings(name: str, count: int, size: int) -> list[str]:
+    return [f"{name}{i}=" + "x" * size for i in range(count)]
+
+
+def test_a_2_mb_environment_reaches_the_process(runtime: Runtime, tmp_path: Path) -> None:
+    """What execve takes reaches the process, as under runc: 2 MB of environment (20 strings
+    of 100 kB), carried to the VM in the create request."""
+    bundle = big_process_bundle(
+        tmp_path,
+        ["sh", "-c", "echo ${#BIG0} ${#BIG19}; env | grep -c ^BIG"],
+        strings("BIG", 20, 100_000),
+    )
+    result = runtime("run", "-b", str(bundle), "c1")
+    assert (result.returncode, result.stdout) == (0, b"100000 100000\n20\n"), result.stderr
+
+
+BIG_PROCESSES = {
+    # args, env, what the one line says after "argument list too long"
+    "an env string over 128 KiB": (
+        ["true"],
+        ["HUGE=" + "x" * 200_000],
+        "process.env entry HUGE is 195.3 KiB; the kernel accepts at most 128.0 KiB per string",
+    ),
+    "an argument over 128 KiB": (
+        ["sh", "-c", "true", "x" * 200_000],
+        [],
+        "process.args[3] is 195.3 KiB; the kernel accepts at most 128.0 KiB per string",
+    ),
+    "3 MB of env in all": (
+        ["true"],
+        strings("BIG", 30, 100_000),
+        "process.env is 2.9 MiB, process.args 13 bytes; the kernel accepts at most 2.0 MiB for"
+        " both, a quarter of RLIMIT_STACK, 8.0 MiB",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BIG_PROCESSES))
+def test_a_process_execve_refuses_fails_start_in_one_line(
+    runtime: Runtime, tmp_path: Path, case: str
+) -> None:
+    """As runc's: create takes it, start fails with execve's E2BIG (named in config.json's
+    terms), the container is stopped, and delete leaves nothing."""
+    args, env, why = BIG_PROCESSES[case]
+    bundle = big_process_bundle(tmp_path, args, env)
+    runtime("create", "-b", str(bundle), "c1", check=True)
+    result = runtime("start", "c1")
+    lines = result.stderr.decode().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, lines
+    assert lines[0].startswith("bonneville: exec ") and lines[0].endswith(
+        f": argument list too long ({why})"
+    ), lines
+    assert runtime.state("c1")["status"] == "stopped"
+    runtime("delete", "c1", check=True)
+    assert not (runtime.root / "c1").exists()
+
+
+def test_a_process_no_kernel_can_run_fails_create(runtime: Runtime, tmp_path: Path) -> None:
+    """Over 6 MiB of argv and environment no execve takes, whatever the stack limit: create
+    refuses it in one line naming the field, and leaves nothing behind."""
+    bundle = big_process_bundle(tmp_path, ["true"], strings("BIG", 70, 100_000))
+    result = runtime("create", "-b", str(bundle), "c1")
+    assert result.returncode == 1
+    assert result.stderr.decode().splitlines() == [
+        f"bonneville: {bundle / 'config.json'}: process.env is 6.7 MiB; the kernel accepts at"
+        " most 6.0 MiB of a process's arguments and environment"
+    ]
+    assert not (runtime.root / "c1").exists()
+
+
 def test_delete_of_created_container_kills_it(runtime: Runtime, tmp_path: Path) -> None:
     bundle = make_bundle(tmp_path, ["sleep", "1000"])
     runtime("create", "-b", str(bundle), "c1", check=True)
@@ -458,6 +543,35 @@ def test_exec_process_file_detached_with_pid_file(runtime: Runtime, tmp_path: Pa
     os.kill(proxy, signal.SIGTERM)
     wait_for(lambda: not procfs.is_alive(proxy, None))
     assert not procfs.is_alive(proxy, None)
+    runtime("delete", "--force", "c1", check=True)
+
+
+def test_exec_carries_what_execve_takes_and_names_what_it_refuses(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    bundle = make_bundle(tmp_path, ["sleep", "1000"])
+    runtime("create", "-b", str(bundle), "c1", check=True)
+    runtime("start", "c1", check=True)
+    process: dict[str, object] = {
+        "args": ["sh", "-c", "echo ${#BIG0} ${#BIG19}"],
+        "cwd": "/",
+        "user": {"uid": 0, "gid": 0},
+        "env": ["PATH=/bin", *strings("BIG", 20, 100_000)],
+        "rlimits": [STACK_8_MIB],
+    }
+    process_file = tmp_path / "process.json"
+    process_file.write_text(json.dumps(process))
+    result = runtime("exec", "--process", str(process_file), "c1")
+    assert (result.returncode, result.stdout) == (0, b"100000 100000\n"), result.stderr
+    process["env"] = ["PATH=/bin", "HUGE=" + "x" * 200_000]
+    process_file.write_text(json.dumps(process))
+    result = runtime("exec", "--process", str(process_file), "c1")
+    lines = result.stderr.decode().splitlines()
+    assert result.returncode != 0 and len(lines) == 1, lines
+    assert lines[0].endswith(
+        ": argument list too long (process.env entry HUGE is 195.3 KiB; the kernel accepts at"
+        " most 128.0 KiB per string)"
+    ), lines
     runtime("delete", "--force", "c1", check=True)
 
 
