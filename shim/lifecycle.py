@@ -11,8 +11,9 @@ import select
 import signal
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from bonneville.backends import procfs
 from bonneville.backends.atomicfile import atomic_write
@@ -78,6 +79,22 @@ def refresh(ctx: Context, st: ContainerState) -> Status:
     if st.paused:
         return Status.PAUSED
     return Status.RUNNING if st.started else Status.CREATED
+
+
+class Locked(NamedTuple):
+    state: ContainerState
+    status: Status  # live, from refresh()
+
+
+@contextlib.contextmanager
+def locked(
+    ctx: Context, container_id: str, exclusive: bool = True, wait: bool = True
+) -> Iterator[Locked]:
+    """What every command on one container starts with: its lock held (``Store.lock``), its
+    state loaded and its live status refreshed."""
+    with ctx.store.lock(container_id, exclusive, wait):
+        st = ctx.store.load(container_id)
+        yield Locked(st, refresh(ctx, st))
 
 
 def state_json(st: ContainerState, status: Status) -> dict[str, Any]:
@@ -379,9 +396,7 @@ def _monitor_call(
 
 
 def start(ctx: Context, container_id: str) -> None:
-    with ctx.store.lock(container_id):
-        st = ctx.store.load(container_id)
-        status = refresh(ctx, st)
+    with locked(ctx, container_id) as (st, status):
         if not status.can_start:
             if status is Status.STOPPED:
                 raise InvalidState("cannot start a container that has stopped", status.value)
@@ -484,9 +499,7 @@ def _is_terminal_spec(st: ContainerState) -> bool:
 
 
 def kill(ctx: Context, container_id: str, signum: int, all_processes: bool = False) -> None:
-    with ctx.store.lock(container_id):
-        st = ctx.store.load(container_id)
-        status = refresh(ctx, st)
+    with locked(ctx, container_id) as (st, status):
         if not status.can_kill:
             raise InvalidState("container not running", status.value)
         if signum == 0:
@@ -541,6 +554,7 @@ def _stop_monitor(ctx: Context, st: ContainerState) -> None:
 
 def delete(ctx: Context, container_id: str, force: bool = False) -> None:
     try:
+        # Not locked(): a missing or damaged state file is not an error here but what to delete.
         with ctx.store.lock(container_id):
             _delete_locked(ctx, container_id, force)
     except ContainerNotFound:
@@ -566,7 +580,7 @@ def _delete_locked(ctx: Context, container_id: str, force: bool) -> None:
         ctx.store.remove(container_id)
         return
     status = refresh(ctx, st)
-    if status in (Status.RUNNING, Status.PAUSED, Status.CREATING) and not force:
+    if not status.can_delete and not force:
         raise InvalidState(
             f"cannot delete container {container_id} that is not stopped: {status.value}",
             status.value,
@@ -581,9 +595,8 @@ def _delete_locked(ctx: Context, container_id: str, force: bool) -> None:
 
 
 def container_state(ctx: Context, container_id: str) -> dict[str, Any]:
-    with ctx.store.lock(container_id, exclusive=False, wait=False):
-        st = ctx.store.load(container_id)
-        return state_json(st, refresh(ctx, st))
+    with locked(ctx, container_id, exclusive=False, wait=False) as (st, status):
+        return state_json(st, status)
 
 
 def list_containers(ctx: Context) -> list[dict[str, Any]]:
@@ -613,9 +626,7 @@ def list_containers(ctx: Context) -> list[dict[str, Any]]:
 
 
 def pause(ctx: Context, container_id: str) -> None:
-    with ctx.store.lock(container_id):
-        st = ctx.store.load(container_id)
-        status = refresh(ctx, st)
+    with locked(ctx, container_id) as (st, status):
         if not status.can_pause:
             raise InvalidState(f"container not running: {status.value}", status.value)
         _monitor_call(ctx, st, Request(Op.PAUSE))
@@ -624,9 +635,7 @@ def pause(ctx: Context, container_id: str) -> None:
 
 
 def resume(ctx: Context, container_id: str) -> None:
-    with ctx.store.lock(container_id):
-        st = ctx.store.load(container_id)
-        status = refresh(ctx, st)
+    with locked(ctx, container_id) as (st, status):
         if not status.can_resume:
             raise InvalidState("container not paused", status.value)
         _monitor_call(ctx, st, Request(Op.RESUME))
@@ -655,10 +664,8 @@ def exec_process(
         raise BonnevilleError(
             "cannot allocate tty if bonneville will detach without setting console socket"
         )
-    with ctx.store.lock(container_id, exclusive=False):
-        st = ctx.store.load(container_id)
-        status = refresh(ctx, st)
-        if status is not Status.RUNNING:
+    with locked(ctx, container_id, exclusive=False) as (st, status):
+        if not status.can_exec:
             raise InvalidState(f"cannot exec in a {status.value} container", status.value)
     _enter_cgroup_as_proxy(st)
     proxy = ExecProxy(control_socket(ctx, st), process, console_socket, st.id if st.sandbox else "")
@@ -750,9 +757,7 @@ def bundle_of(ctx: Context, container_id: str) -> str:
 def ps(ctx: Context, container_id: str) -> list[int]:
     """Host PIDs of the container: its monitor, what runs under it (the VM) and the rest of its
     cgroup (exec proxies)."""
-    with ctx.store.lock(container_id, exclusive=False):
-        st = ctx.store.load(container_id)
-        status = refresh(ctx, st)
+    with locked(ctx, container_id, exclusive=False) as (st, status):
         if status is Status.STOPPED:
             return []
         pids = [st.pid, *procfs.descendants(st.pid)]
@@ -771,9 +776,7 @@ def ps(ctx: Context, container_id: str) -> list[int]:
 
 def update(ctx: Context, container_id: str, resources: dict[str, Any]) -> None:
     """Change the limits of a created or running container, inside its VM."""
-    with ctx.store.lock(container_id):
-        st = ctx.store.load(container_id)
-        status = refresh(ctx, st)
+    with locked(ctx, container_id) as (st, status):
         if status is Status.STOPPED:
             raise InvalidState(f"container not running: {status.value}", status.value)
         if status is Status.PAUSED:
@@ -816,9 +819,7 @@ def _has_members(ctx: Context, owner: str) -> bool:
 
 def stats(ctx: Context, container_id: str) -> dict[str, Any]:
     """The container's resource usage, read from its cgroup inside the VM (runc's Stats)."""
-    with ctx.store.lock(container_id, exclusive=False):
-        st = ctx.store.load(container_id)
-        status = refresh(ctx, st)
+    with locked(ctx, container_id, exclusive=False) as (st, status):
         if status is Status.STOPPED:
             raise InvalidState(f"container not running: {status.value}", status.value)
         if status is Status.PAUSED:
