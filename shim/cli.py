@@ -11,7 +11,7 @@ import click
 
 from bonneville.shim import log as shimlog
 from bonneville.shim.ids import DEFAULT_ROOT
-from bonneville.shim.lifecycle import Context
+from bonneville.shim.lifecycle.context import Context
 from bonneville.shim.state import Store
 from bonneville.spec.errors import BonnevilleError
 

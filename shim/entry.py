@@ -116,8 +116,10 @@ def run_plain(call: PlainCall) -> None:
     """What shim/cli.py does for a plain call: its global options, then the command."""
     import json
 
-    from bonneville.shim import ids, lifecycle
+    from bonneville.shim import ids
     from bonneville.shim import log as shimlog
+    from bonneville.shim.lifecycle import query, running, teardown
+    from bonneville.shim.lifecycle.context import Context
     from bonneville.shim.state import Store
 
     options = call.options
@@ -125,14 +127,14 @@ def run_plain(call: PlainCall) -> None:
     if options.get("--libvirt-uri"):
         os.environ["BONNEVILLE_LIBVIRT_URI"] = options["--libvirt-uri"]
     backend = options.get("--backend", os.environ.get("BONNEVILLE_BACKEND") or None)
-    ctx = lifecycle.Context(store=Store(options.get("--root", ids.DEFAULT_ROOT)), backend=backend)
+    ctx = Context(store=Store(options.get("--root", ids.DEFAULT_ROOT)), backend=backend)
     try:
         if call.command == "start":
-            lifecycle.start(ctx, call.container_id)
+            running.start(ctx, call.container_id)
         elif call.command == "delete":
-            lifecycle.delete(ctx, call.container_id, call.force)
+            teardown.delete(ctx, call.container_id, call.force)
         else:
-            state = lifecycle.container_state(ctx, call.container_id)
+            state = query.container_state(ctx, call.container_id)
             print(json.dumps(state, indent=2))
     except (Exception, KeyboardInterrupt) as exc:
         text = shimlog.error_text(exc)

@@ -266,14 +266,15 @@ def test_limits_written_to_v1_and_v2_files(tmp_path: Path) -> None:
 
 
 def test_update_moves_the_host_cpu_bound_with_the_guest_limit(tmp_path: Path) -> None:
-    from bonneville.shim import lifecycle
+    from bonneville.shim.lifecycle import hostcgroup
+    from bonneville.shim.lifecycle.context import Context
     from bonneville.shim.state import ContainerState, Store
 
     cpu = fake_cgroup(
         tmp_path / "cpu", {"cpu.cfs_quota_us": "150000", "cpu.cfs_period_us": "100000"}
     )
     memory = fake_cgroup(tmp_path / "memory", {"memory.limit_in_bytes": str(512 * MIB)})
-    ctx = lifecycle.Context(store=Store(str(tmp_path / "root")))
+    ctx = Context(store=Store(str(tmp_path / "root")))
     st = ContainerState(
         id="c1",
         bundle="",
@@ -282,18 +283,18 @@ def test_update_moves_the_host_cpu_bound_with_the_guest_limit(tmp_path: Path) ->
         cgroup={"cpu": str(cpu), "memory": str(memory)},
         vm_vcpus=2,
     )
-    lifecycle._update_host_cgroup(ctx, st, {"cpu": {"quota": 50_000, "period": 100_000}})
+    hostcgroup.update_limits(ctx, st, {"cpu": {"quota": 50_000, "period": 100_000}})
     assert (cpu / "cpu.cfs_quota_us").read_text() == "100000"  # half a core + QEMU's
-    lifecycle._update_host_cgroup(ctx, st, {"cpu": {"quota": 900_000}})
+    hostcgroup.update_limits(ctx, st, {"cpu": {"quota": 900_000}})
     assert (cpu / "cpu.cfs_quota_us").read_text() == "250000"  # no more than its 2 vCPUs
     # Memory stays: the VM's RAM is fixed at boot, a guest limit only moves below it.
-    lifecycle._update_host_cgroup(ctx, st, {"memory": {"limit": 64 * MIB}})
+    hostcgroup.update_limits(ctx, st, {"memory": {"limit": 64 * MIB}})
     assert (memory / "memory.limit_in_bytes").read_text().strip() == str(512 * MIB)
     # A pod member's cgroup holds only its relay.
     member = ContainerState(
         id="m1", bundle="", rootfs="", backend="qemu", sandbox="c1", cgroup=st.cgroup
     )
-    lifecycle._update_host_cgroup(ctx, member, {"cpu": {"quota": 10_000}})
+    hostcgroup.update_limits(ctx, member, {"cpu": {"quota": 10_000}})
     assert (cpu / "cpu.cfs_quota_us").read_text() == "250000"
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bonneville.shim.lifecycle import Context
+from bonneville.shim.lifecycle.context import Context
 from bonneville.shim.state import Store
 from bonneville.spec import settings
 from bonneville.spec.errors import ConfigError

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from bonneville.shim import lifecycle
+from bonneville.shim.lifecycle import creation
+from bonneville.shim.lifecycle.context import Context
 
 
 @click.command("create")
@@ -17,7 +18,7 @@ from bonneville.shim import lifecycle
 @click.argument("container_id")
 @click.pass_obj
 def create(
-    ctx: lifecycle.Context,
+    ctx: Context,
     bundle: str,
     console_socket: str | None,
     pid_file: str | None,
@@ -27,7 +28,7 @@ def create(
     container_id: str,
 ) -> None:
     """Create a container (boot its VM) without starting its process."""
-    lifecycle.create(ctx, container_id, bundle, pid_file, console_socket)
+    creation.create(ctx, container_id, bundle, pid_file, console_socket)
 
 
 COMMANDS = [create]

@@ -13,7 +13,8 @@ import time
 
 import click
 
-from bonneville.shim import lifecycle
+from bonneville.shim.lifecycle import query
+from bonneville.shim.lifecycle.context import Context
 from bonneville.spec.errors import InvalidState
 from bonneville.spec.resources import oom_kill_count, stats_from_cgroup
 
@@ -34,13 +35,13 @@ def _seconds(text: str) -> float:
 @click.option("--stats", "once", is_flag=True, help="print one stats event and exit")
 @click.argument("container_id")
 @click.pass_obj
-def events(ctx: lifecycle.Context, interval: str, once: bool, container_id: str) -> None:
+def events(ctx: Context, interval: str, once: bool, container_id: str) -> None:
     """Print a container's resource usage as JSON events."""
     period = _seconds(interval)
     oom_kills = -1
     while True:
         try:
-            raw = lifecycle.stats(ctx, container_id)
+            raw = query.stats(ctx, container_id)
         except InvalidState:
             if once or oom_kills < 0:
                 raise

@@ -6,7 +6,8 @@ import json
 
 import click
 
-from bonneville.shim import lifecycle
+from bonneville.shim.lifecycle import running
+from bonneville.shim.lifecycle.context import Context
 from bonneville.spec.errors import ConfigError
 
 
@@ -32,7 +33,7 @@ from bonneville.spec.errors import ConfigError
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
 def exec_command(
-    ctx: lifecycle.Context,
+    ctx: Context,
     process_file: str | None,
     console_socket: str | None,
     cwd: str | None,
@@ -60,9 +61,9 @@ def exec_command(
         if not isinstance(process, dict):
             raise ConfigError(process_file, "not a JSON object")
     else:
-        bundle = lifecycle.bundle_of(ctx, container_id)
-        process = lifecycle.process_for_exec(bundle, list(command), list(env), cwd, user, tty)
-    return lifecycle.exec_process(ctx, container_id, process, console_socket, detach, pid_file)
+        bundle = running.bundle_of(ctx, container_id)
+        process = running.process_for_exec(bundle, list(command), list(env), cwd, user, tty)
+    return running.exec_process(ctx, container_id, process, console_socket, detach, pid_file)
 
 
 COMMANDS = [exec_command]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from bonneville.shim import lifecycle
+from bonneville.shim.lifecycle import running
+from bonneville.shim.lifecycle.context import Context
 from bonneville.shim.signals import parse_signal
 
 
@@ -13,9 +14,9 @@ from bonneville.shim.signals import parse_signal
 @click.argument("container_id")
 @click.argument("signal", default="SIGTERM")
 @click.pass_obj
-def kill(ctx: lifecycle.Context, all_processes: bool, container_id: str, signal: str) -> None:
+def kill(ctx: Context, all_processes: bool, container_id: str, signal: str) -> None:
     """Send SIGNAL (default SIGTERM) to the container's init process."""
-    lifecycle.kill(ctx, container_id, parse_signal(signal), all_processes)
+    running.kill(ctx, container_id, parse_signal(signal), all_processes)
 
 
 COMMANDS = [kill]

@@ -6,16 +6,17 @@ import json
 
 import click
 
-from bonneville.shim import lifecycle
+from bonneville.shim.lifecycle import query
+from bonneville.shim.lifecycle.context import Context
 
 
 @click.command("list")
 @click.option("--format", "-f", "fmt", type=click.Choice(["table", "json"]), default="table")
 @click.option("--quiet", "-q", is_flag=True, help="print only the ids")
 @click.pass_obj
-def list_command(ctx: lifecycle.Context, fmt: str, quiet: bool) -> None:
+def list_command(ctx: Context, fmt: str, quiet: bool) -> None:
     """List containers."""
-    containers = lifecycle.list_containers(ctx)
+    containers = query.list_containers(ctx)
     if quiet:
         for c in containers:
             click.echo(c["id"])

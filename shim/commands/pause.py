@@ -4,23 +4,24 @@ from __future__ import annotations
 
 import click
 
-from bonneville.shim import lifecycle
+from bonneville.shim.lifecycle import running
+from bonneville.shim.lifecycle.context import Context
 
 
 @click.command("pause")
 @click.argument("container_id")
 @click.pass_obj
-def pause(ctx: lifecycle.Context, container_id: str) -> None:
+def pause(ctx: Context, container_id: str) -> None:
     """Pause every process of the container (the VM stops)."""
-    lifecycle.pause(ctx, container_id)
+    running.pause(ctx, container_id)
 
 
 @click.command("resume")
 @click.argument("container_id")
 @click.pass_obj
-def resume(ctx: lifecycle.Context, container_id: str) -> None:
+def resume(ctx: Context, container_id: str) -> None:
     """Resume a paused container."""
-    lifecycle.resume(ctx, container_id)
+    running.resume(ctx, container_id)
 
 
 COMMANDS = [pause, resume]

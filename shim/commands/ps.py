@@ -6,7 +6,8 @@ import json
 
 import click
 
-from bonneville.shim import lifecycle
+from bonneville.shim.lifecycle import query
+from bonneville.shim.lifecycle.context import Context
 
 
 @click.command("ps", context_settings={"ignore_unknown_options": True})
@@ -14,9 +15,9 @@ from bonneville.shim import lifecycle
 @click.argument("container_id")
 @click.argument("ps_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
-def ps(ctx: lifecycle.Context, fmt: str, container_id: str, ps_args: tuple[str, ...]) -> None:
+def ps(ctx: Context, fmt: str, container_id: str, ps_args: tuple[str, ...]) -> None:
     """List the host processes of a container."""
-    pids = lifecycle.ps(ctx, container_id)
+    pids = query.ps(ctx, container_id)
     if fmt == "json":
         click.echo(json.dumps(pids))
         return

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from bonneville.shim import lifecycle
+from bonneville.shim.lifecycle import running
+from bonneville.shim.lifecycle.context import Context
 
 
 @click.command("run")
@@ -20,7 +21,7 @@ from bonneville.shim import lifecycle
 @click.argument("container_id")
 @click.pass_obj
 def run(
-    ctx: lifecycle.Context,
+    ctx: Context,
     bundle: str,
     console_socket: str | None,
     detach: bool,
@@ -33,7 +34,7 @@ def run(
     container_id: str,
 ) -> int:
     """Create and start a container; wait for it unless --detach."""
-    return lifecycle.run(ctx, container_id, bundle, pid_file, console_socket, detach, keep)
+    return running.run(ctx, container_id, bundle, pid_file, console_socket, detach, keep)
 
 
 COMMANDS = [run]

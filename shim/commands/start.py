@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import click
 
-from bonneville.shim import lifecycle
+from bonneville.shim.lifecycle import running
+from bonneville.shim.lifecycle.context import Context
 
 
 @click.command("start")
 @click.argument("container_id")
 @click.pass_obj
-def start(ctx: lifecycle.Context, container_id: str) -> None:
+def start(ctx: Context, container_id: str) -> None:
     """Start the process of a created container."""
-    lifecycle.start(ctx, container_id)
+    running.start(ctx, container_id)
 
 
 COMMANDS = [start]

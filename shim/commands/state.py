@@ -6,15 +6,16 @@ import json
 
 import click
 
-from bonneville.shim import lifecycle
+from bonneville.shim.lifecycle import query
+from bonneville.shim.lifecycle.context import Context
 
 
 @click.command("state")
 @click.argument("container_id")
 @click.pass_obj
-def state(ctx: lifecycle.Context, container_id: str) -> None:
+def state(ctx: Context, container_id: str) -> None:
     """Print the state of a container."""
-    click.echo(json.dumps(lifecycle.container_state(ctx, container_id), indent=2))
+    click.echo(json.dumps(query.container_state(ctx, container_id), indent=2))
 
 
 COMMANDS = [state]

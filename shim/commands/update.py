@@ -8,7 +8,8 @@ from typing import Any
 
 import click
 
-from bonneville.shim import lifecycle
+from bonneville.shim.lifecycle import running
+from bonneville.shim.lifecycle.context import Context
 from bonneville.spec.resources import UnsupportedResource, parse_size
 
 
@@ -54,7 +55,7 @@ def _size(value: str | None) -> int | None:
 @click.argument("container_id")
 @click.pass_obj
 def update(
-    ctx: lifecycle.Context,
+    ctx: Context,
     /,
     resources_file: str | None,
     container_id: str,
@@ -96,7 +97,7 @@ def update(
         if flags[flag]:
             raise click.ClickException(f"--{flag.replace('_', '-')}: Intel RDT is not supported")
     resources["cpu"], resources["memory"] = cpu, memory
-    lifecycle.update(ctx, container_id, resources)
+    running.update(ctx, container_id, resources)
 
 
 COMMANDS = [update]
