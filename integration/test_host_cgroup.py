@@ -1,4 +1,4 @@
-"""What the host sees of a container VM (shim/cgroups.py): its monitor and QEMU in the cgroup the
+"""What the host sees of a container VM (shim/cgroups/): its monitor and QEMU in the cgroup the
 caller named, `docker stats`, `ctr task metrics` and CRI's ContainerStats showing the VM's real
 cost, host limits that never kill a guest using its whole RAM, nothing left after a delete.
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from bonneville.backends import procfs
-from bonneville.shim import cgroups
+from bonneville.shim.cgroups import hierarchy, limits, paths, tree
 from integration.cri import (
     CNI_BIN_DIR,
     Containerd,
@@ -39,7 +39,7 @@ FIXTURES = [cri_images_fixture, cri_containerd_fixture, cri_client_fixture, cont
 pytestmark = [
     pytest.mark.vm,
     pytest.mark.skipif(shutil.which("dockerd") is None, reason="dockerd is not installed"),
-    pytest.mark.skipif(cgroups.Host.read().mode == "none", reason="no cgroup is mounted"),
+    pytest.mark.skipif(hierarchy.Host.read().mode == "none", reason="no cgroup is mounted"),
 ]
 
 IMAGE = "bonneville-busybox:test"
@@ -67,7 +67,7 @@ def wait_log(docker: Docker, cid: str, text: str) -> None:
 
 def dirs_of(cgroups_path: str, cid: str) -> dict[str, str]:
     """The directories runc's rules give ``cgroups_path`` on this host."""
-    return cgroups.place(cgroups.Host.read(), cgroups_path, cid, systemd=False).dirs
+    return paths.place(hierarchy.Host.read(), cgroups_path, cid, systemd=False).dirs
 
 
 def host_processes(monitor: int) -> list[int]:
@@ -78,7 +78,7 @@ def host_processes(monitor: int) -> list[int]:
 def cgroup_paths(pid: int) -> set[str]:
     """The cgroup paths of ``pid`` in every hierarchy (one path if it sits in one place)."""
     text = Path(f"/proc/{pid}/cgroup").read_text()
-    return set(cgroups.parse_proc_cgroup(text).values())
+    return set(hierarchy.parse_proc_cgroup(text).values())
 
 
 def pss(pid: int) -> int:
@@ -150,7 +150,7 @@ def test_cgroup_parent_is_honoured(docker: Docker) -> None:
     finally:
         docker.ok("rm", "-f", cid)
         assert [d for d in dirs_of(f"{parent}/{cid}", cid).values() if os.path.exists(d)] == []
-        cgroups.remove(dirs_of(parent, cid), timeout=5)
+        tree.remove(dirs_of(parent, cid), timeout=5)
 
 
 def test_docker_stats_shows_the_vms_cost(docker: Docker) -> None:
@@ -166,7 +166,7 @@ def test_docker_stats_shows_the_vms_cost(docker: Docker) -> None:
         samples = [stats(docker, idle) for _ in range(3)]
         used = statistics.median(s[0] for s in samples)
         assert proportional / 2 <= used <= proportional * 2, (used, proportional)
-        assert samples[0][1] == (256 + cgroups.VM_OVERHEAD_MIB) * MIB  # the host's bound
+        assert samples[0][1] == (256 + limits.VM_OVERHEAD_MIB) * MIB  # the host's bound
         assert statistics.median(s[2] for s in samples) < 5, samples
         spinning: list[float] = []
 
@@ -198,9 +198,9 @@ def test_a_guest_using_all_its_memory_is_not_killed_by_the_host(docker: Docker) 
         assert state.split() == ["running", "false"]
         assert [pid for pid in host_processes(monitor) if pid != monitor] == vm
         assert docker.ok("exec", cid, "echo", "alive").strip() == "alive"
-        assert stats(docker, cid)[1] == (300 + cgroups.VM_OVERHEAD_MIB) * MIB
+        assert stats(docker, cid)[1] == (300 + limits.VM_OVERHEAD_MIB) * MIB
         limit = memory_file(dirs, "memory.limit_in_bytes", "memory.max").read_text()
-        assert int(limit) == (300 + cgroups.VM_OVERHEAD_MIB) * MIB
+        assert int(limit) == (300 + limits.VM_OVERHEAD_MIB) * MIB
     finally:
         docker.ok("rm", "-f", cid)
 
@@ -241,11 +241,11 @@ def test_ctr_task_metrics(containerd: Ctr) -> None:
             used = metrics["memory"]["usage"]["usage"] - metrics["memory"].get(
                 "total_inactive_file", 0
             )
-            assert metrics["memory"]["usage"]["limit"] == (256 + cgroups.VM_OVERHEAD_MIB) * MIB
+            assert metrics["memory"]["usage"]["limit"] == (256 + limits.VM_OVERHEAD_MIB) * MIB
             assert metrics["cpu"]["usage"]["total"] > 0
         else:  # v2's
             used = metrics["memory"]["usage"] - metrics["memory"].get("inactive_file", 0)
-            assert metrics["memory"]["usage_limit"] == (256 + cgroups.VM_OVERHEAD_MIB) * MIB
+            assert metrics["memory"]["usage_limit"] == (256 + limits.VM_OVERHEAD_MIB) * MIB
         assert used <= proportional * 2, (used, proportional)
         assert used >= 32 * MIB, "a VM's memory, not just a process's"
     finally:
@@ -300,12 +300,12 @@ def test_a_pod_vm_sits_in_the_pod_cgroup_and_stats_stay_truthful(
             cri.api.ContainerStatsRequest(container_id=cid), timeout=60
         ).stats
         assert figures.memory.working_set_bytes.value > 0
-        assert figures.memory.working_set_bytes.value < cgroups.MEMBER_MEMORY_MIB * MIB
+        assert figures.memory.working_set_bytes.value < limits.MEMBER_MEMORY_MIB * MIB
         assert figures.cpu.usage_core_nano_seconds.value > 0
     finally:
         cri.stop_pod_sandbox(pod)
         cri.remove_pod_sandbox(pod)
     for gone in (f"{parent}/{pod}", f"{parent}/{cid}"):
         assert [d for d in dirs_of(gone, "x").values() if os.path.exists(d)] == []
-    cgroups.remove(dirs_of(parent, "x"), timeout=5)
-    cgroups.remove(dirs_of(os.path.dirname(parent), "x"), timeout=5)
+    tree.remove(dirs_of(parent, "x"), timeout=5)
+    tree.remove(dirs_of(os.path.dirname(parent), "x"), timeout=5)

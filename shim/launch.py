@@ -57,8 +57,8 @@ class MonitorConfig:
     # No network namespace of its own: the VM reaches the host's networks through a user-mode
     # stack, and its listening ports are published on the host (shim/monitor/forward.py).
     host_network: bool = False
-    # The container's host cgroup (shim/cgroups.py), which create has already moved us into:
-    # an owner whose VM grows raises its limits (cgroups.raise_vm_limits).
+    # The container's host cgroup (shim/cgroups/), which create has already moved us into:
+    # an owner whose VM grows raises its limits (cgroups/limits.py: raise_vm_limits).
     cgroup: dict[str, str] = field(default_factory=dict)
 
     def to_message(self) -> dict[str, Any]:

@@ -65,7 +65,7 @@ class ContainerState:
     # Opaque to the core: whatever the backend needs to check on or destroy its VM (a pod
     # member's is its owner's: to check on, never to destroy).
     backend_state: dict[str, Any] = field(default_factory=dict)
-    # The container's host cgroup, a directory per hierarchy (shim/cgroups.py), recorded before
+    # The container's host cgroup, a directory per hierarchy (shim/cgroups/), recorded before
     # it is made so that a delete after any crash removes it; the systemd unit holding it, if
     # systemd made it; the vCPUs its CPU bound was sized for.
     cgroup: dict[str, str] = field(default_factory=dict)

@@ -1,4 +1,4 @@
-"""The container's host cgroup (shim/cgroups.py): runc's path rules on cgroup v1, hybrid and v2
+"""The container's host cgroup (shim/cgroups/): runc's path rules on cgroup v1, hybrid and v2
 hosts (pure, from mountinfo and /proc/self/cgroup texts), the limits, and on this host's real
 hierarchies the whole round trip through the CLI with the fake backend."""
 
@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from bonneville.backends import procfs
-from bonneville.shim import cgroups
-from bonneville.shim.cgroups import Host, parse_mountinfo, parse_proc_cgroup, place
+from bonneville.shim.cgroups import limits, paths, tree
+from bonneville.shim.cgroups.hierarchy import Host, parse_mountinfo, parse_proc_cgroup
+from bonneville.shim.cgroups.paths import place
+from bonneville.shim.cgroups.systemd import unit_argv
 from bonneville.spec.errors import BonnevilleError
 from tests.support import Runtime, default_config, write_bundle
 
@@ -125,10 +127,10 @@ def test_a_mount_of_a_sub_tree_is_taken_relative_to_its_root() -> None:
 
 
 def test_paths_are_cleaned_and_cannot_climb_out() -> None:
-    assert cgroups.clean_path("/a/../../b//c/.") == "/b/c"
-    assert cgroups.clean_path("../../etc") == "etc"
-    assert cgroups.clean_path("//docker/x") == "/docker/x"
-    assert cgroups.clean_path(".") == ""
+    assert paths.clean_path("/a/../../b//c/.") == "/b/c"
+    assert paths.clean_path("../../etc") == "etc"
+    assert paths.clean_path("//docker/x") == "/docker/x"
+    assert paths.clean_path(".") == ""
     dirs = place(V2, "../../../escape", "abc", systemd=False).dirs
     assert dirs == {"": "/sys/fs/cgroup/user.slice/user-0.slice/escape"}
     # "." cleans to nothing: runc's default, the id.
@@ -171,7 +173,7 @@ def test_systemd_form_where_systemd_runs_is_a_transient_unit() -> None:
     with_systemd = host(V2_MOUNTINFO, V2_OWN, systemd=True)
     placed = place(with_systemd, "system.slice:docker:abc", "abc", systemd=True)
     assert (placed.unit, placed.slice) == ("docker-abc.scope", "system.slice")
-    argv = cgroups.unit_argv(placed.unit, placed.slice, 4242)
+    argv = unit_argv(placed.unit, placed.slice, 4242)
     assert argv[:9] == [
         "busctl",
         "call",
@@ -191,27 +193,27 @@ def test_systemd_form_where_systemd_runs_is_a_transient_unit() -> None:
 
 
 def test_expand_slice() -> None:
-    assert cgroups.expand_slice("system.slice") == "/system.slice"
-    assert cgroups.expand_slice("test-a-b.slice") == "/test.slice/test-a.slice/test-a-b.slice"
-    assert cgroups.expand_slice("-.slice") == "/"
+    assert paths.expand_slice("system.slice") == "/system.slice"
+    assert paths.expand_slice("test-a-b.slice") == "/test.slice/test-a.slice/test-a-b.slice"
+    assert paths.expand_slice("-.slice") == "/"
     for bad in ("test--a.slice", "-test.slice", "test", ".slice", "a/b.slice"):
         with pytest.raises(BonnevilleError, match="invalid slice name"):
-            cgroups.expand_slice(bad)
+            paths.expand_slice(bad)
 
 
 def test_vm_limits() -> None:
-    plain = cgroups.vm_limits(256, 1, {})
-    assert plain.memory == (256 + cgroups.VM_OVERHEAD_MIB) * MIB
+    plain = limits.vm_limits(256, 1, {})
+    assert plain.memory == (256 + limits.VM_OVERHEAD_MIB) * MIB
     assert (plain.cpu_quota, plain.cpu_period) == (150_000, 100_000)  # one vCPU + 0.5 core
-    assert (plain.cpu_shares, plain.pids) == (None, cgroups.PIDS_LIMIT)
-    half = cgroups.vm_limits(128, 1, {"cpu": {"quota": 25_000, "period": 50_000, "shares": 512}})
+    assert (plain.cpu_shares, plain.pids) == (None, limits.PIDS_LIMIT)
+    half = limits.vm_limits(128, 1, {"cpu": {"quota": 25_000, "period": 50_000, "shares": 512}})
     assert (half.cpu_quota, half.cpu_period, half.cpu_shares) == (50_000, 50_000, 512)
     # A quota beyond the vCPUs the VM has is bounded by them; -1 is no quota.
-    assert cgroups.vm_limits(256, 2, {"cpu": {"quota": 400_000}}).cpu_quota == 250_000
-    assert cgroups.vm_limits(256, 2, {"cpu": {"quota": -1}}).cpu_quota == 250_000
-    assert cgroups.vm_limits(256, 1, {"cpu": {"shares": 2}}, shares=False).cpu_shares is None
-    member = cgroups.member_limits({"memory": {"limit": 1 << 30}})
-    assert member.memory == cgroups.MEMBER_MEMORY_MIB * MIB and member.cpu_quota is None
+    assert limits.vm_limits(256, 2, {"cpu": {"quota": 400_000}}).cpu_quota == 250_000
+    assert limits.vm_limits(256, 2, {"cpu": {"quota": -1}}).cpu_quota == 250_000
+    assert limits.vm_limits(256, 1, {"cpu": {"shares": 2}}, shares=False).cpu_shares is None
+    member = limits.member_limits({"memory": {"limit": 1 << 30}})
+    assert member.memory == limits.MEMBER_MEMORY_MIB * MIB and member.cpu_quota is None
 
 
 def test_the_vm_limits_use_the_size_the_monitor_gives_the_vm() -> None:
@@ -241,28 +243,28 @@ def test_limits_written_to_v1_and_v2_files(tmp_path: Path) -> None:
         {"memory.max": "max", "cpu.max": "max 100000", "cpu.weight": "100", "pids.max": "max"},
     )
     dirs = {"memory": str(v1_memory), "cpu": str(v1_cpu), "pids": str(v1_pids), "": str(v2)}
-    limits = cgroups.Limits(
+    bounds = limits.Limits(
         memory=512 * MIB, cpu_quota=150_000, cpu_period=100_000, cpu_shares=512, pids=512
     )
-    cgroups.apply(dirs, limits)
+    limits.apply(dirs, bounds)
     assert (v1_memory / "memory.limit_in_bytes").read_text() == str(512 * MIB)
     assert (v1_cpu / "cpu.cfs_quota_us").read_text() == "150000"
     assert (v1_cpu / "cpu.shares").read_text() == "512"
     assert (v1_pids / "pids.max").read_text() == "512"
     assert (v2 / "memory.max").read_text() == str(512 * MIB)
     assert (v2 / "cpu.max").read_text() == "150000 100000"
-    assert (v2 / "cpu.weight").read_text() == str(cgroups.shares_to_weight(512))
+    assert (v2 / "cpu.weight").read_text() == str(limits.shares_to_weight(512))
     # After a hotplug the bounds only grow: a smaller VM size changes nothing.
-    cgroups.raise_vm_limits(dirs, 128, 1)
+    limits.raise_vm_limits(dirs, 128, 1)
     assert (v1_memory / "memory.limit_in_bytes").read_text() == str(512 * MIB)
     assert (v2 / "cpu.max").read_text() == "150000 100000"
-    cgroups.raise_vm_limits(dirs, 1024, 2)
+    limits.raise_vm_limits(dirs, 1024, 2)
     assert (v1_memory / "memory.limit_in_bytes").read_text() == str(
-        (1024 + cgroups.VM_OVERHEAD_MIB) * MIB
+        (1024 + limits.VM_OVERHEAD_MIB) * MIB
     )
     assert (v1_cpu / "cpu.cfs_quota_us").read_text() == "250000"
     assert (v2 / "cpu.max").read_text() == "250000 100000"
-    cgroups.raise_vm_limits({}, 1024, 2)  # a container without a cgroup of its own
+    limits.raise_vm_limits({}, 1024, 2)  # a container without a cgroup of its own
 
 
 def test_update_moves_the_host_cpu_bound_with_the_guest_limit(tmp_path: Path) -> None:
@@ -312,7 +314,7 @@ def parent() -> Iterator[str]:
     name = f"bonneville-test-{os.getpid()}"
     yield f"/{name}"
     for mount in Host.read().hierarchies():
-        cgroups.remove({"": f"{mount.mountpoint}/{name}"}, timeout=5)
+        tree.remove({"": f"{mount.mountpoint}/{name}"}, timeout=5)
 
 
 def cgroup_of(pid: int) -> dict[str, str]:
@@ -332,17 +334,17 @@ def test_create_join_limit_remove_on_this_host(parent: str) -> None:
     placed = place(here, f"{parent}/c1", "c1", systemd=False)
     child = subprocess.Popen(["sleep", "1000"])
     try:
-        cgroups.create(placed, here, child.pid)
-        cgroups.apply(placed.dirs, cgroups.vm_limits(256, 1, {}))
+        tree.create(placed, here, child.pid)
+        limits.apply(placed.dirs, limits.vm_limits(256, 1, {}))
         own = cgroup_of(child.pid)
         for key in placed.dirs:
             controller = key.split(",")[0]
             assert own[controller] == f"{parent}/c1", (key, own)
-        assert memory_limit(placed.dirs) == (256 + cgroups.VM_OVERHEAD_MIB) * MIB
+        assert memory_limit(placed.dirs) == (256 + limits.VM_OVERHEAD_MIB) * MIB
     finally:
         child.kill()
         child.wait()
-    assert cgroups.remove(placed.dirs) == []
+    assert tree.remove(placed.dirs) == []
     assert not any(os.path.exists(d) for d in placed.dirs.values())
 
 
@@ -374,7 +376,7 @@ def test_monitor_vm_and_exec_proxy_live_in_the_containers_cgroup(
     # The monitor, and the "VM" it launched after joining (the fake backend's agent).
     for pid in (monitor, *procfs.descendants(monitor)):
         assert set(cgroup_of(pid).values()) == {f"{parent}/c1"}, pid
-    assert memory_limit(dirs) == (300 + cgroups.VM_OVERHEAD_MIB) * MIB
+    assert memory_limit(dirs) == (300 + limits.VM_OVERHEAD_MIB) * MIB
     # An exec proxy joins (--detach: the pid-file names the forked proxy), OOM-first.
     pid_file = tmp_path / "exec.pid"
     process = tmp_path / "process.json"
@@ -422,7 +424,7 @@ def test_systemd_form_without_systemd_and_a_refused_path(
         assert not any(os.path.exists(d) for d in dirs.values())
     finally:
         for mount in Host.read().hierarchies():
-            cgroups.remove({"": f"{mount.mountpoint}/{slice_name}"}, timeout=5)
+            tree.remove({"": f"{mount.mountpoint}/{slice_name}"}, timeout=5)
     # runc's refusal, before anything exists.
     bad = make_bundle(tmp_path, "/not/the/systemd/form", name="bad")
     refused = runtime("--systemd-cgroup", "create", "--bundle", str(bad), "c2")

@@ -71,7 +71,7 @@ def test_seccomp_is_applied_and_the_other_security_features_are_not(
     assert linux["apparmor"] == {"enabled": False}
     assert linux["selinux"] == {"enabled": False}
     assert linux["intelRdt"] == {"enabled": False}
-    # The host cgroup (shim/cgroups.py): runc's managers' placement, not the user-scoped one.
+    # The host cgroup (shim/cgroups/): runc's managers' placement, not the user-scoped one.
     assert linux["cgroup"] == {
         "v1": True,
         "v2": True,

@@ -14,7 +14,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from bonneville.backends import procfs
-from bonneville.shim import cgroups, hooks, hostns, ids, state, unixsock
+from bonneville.shim import hooks, hostns, ids, state, unixsock
+from bonneville.shim.cgroups import tree
 from bonneville.shim.lifecycle import hostcgroup, teardown
 from bonneville.shim.lifecycle.context import Context, hook_state, write_pid_file
 from bonneville.shim.state import ContainerState
@@ -223,5 +224,5 @@ def _abort_create(ctx: Context, st: ContainerState, monitor_pid: int) -> None:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(monitor_pid, 0)
     teardown.destroy_vm(ctx, st)
-    cgroups.remove(st.cgroup, st.cgroup_unit)
+    tree.remove(st.cgroup, st.cgroup_unit)
     ctx.store.remove(st.id)

@@ -1,4 +1,4 @@
-"""The container's host cgroup as the commands use it (the cgroup itself: shim/cgroups.py):
+"""The container's host cgroup as the commands use it (the cgroup itself: shim/cgroups/):
 placed and entered by create, bounded by the VM's size or a member's relay, joined by exec
 proxies, its CPU bound moved by update."""
 
@@ -9,7 +9,7 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
-from bonneville.shim import cgroups
+from bonneville.shim.cgroups import hierarchy, limits, paths, tree
 from bonneville.shim.lifecycle.context import Context, refresh
 from bonneville.shim.state import ContainerState
 from bonneville.shim.status import Status
@@ -21,41 +21,41 @@ if TYPE_CHECKING:
 log = logging.getLogger("bonneville")
 
 
-def place(ctx: Context, container_id: str, spec: Any) -> cgroups.Placement | None:
+def place(ctx: Context, container_id: str, spec: Any) -> paths.Placement | None:
     """Where the container's host cgroup goes (runc's rules); None where no cgroup hierarchy
     is mounted. A cgroupsPath runc refuses is refused here, before anything exists."""
-    host = cgroups.Host.read()
+    host = hierarchy.Host.read()
     if host.mode == "none":
         return None
-    return cgroups.place(host, spec.linux.cgroups_path, container_id, ctx.systemd_cgroup)
+    return paths.place(host, spec.linux.cgroups_path, container_id, ctx.systemd_cgroup)
 
 
 def enter(
-    st: ContainerState, placement: cgroups.Placement, bundle: Bundle, pid: int, member: bool
+    st: ContainerState, placement: paths.Placement, bundle: Bundle, pid: int, member: bool
 ) -> None:
-    """Make the container's cgroup, bound it (shim/cgroups.py, the VM's size or a member's
+    """Make the container's cgroup, bound it (shim/cgroups/limits.py, the VM's size or a member's
     relay) and move the monitor into it. runc's default place (no cgroupsPath) is a courtesy:
     where it cannot be made (a read-only /sys/fs/cgroup), the container runs without it."""
     spec = bundle.spec
     raw = (bundle.raw.get("linux") or {}).get("resources") or {}
     raw = raw if isinstance(raw, dict) else {}
     if member:
-        limits = cgroups.member_limits(raw)
+        bounds = limits.member_limits(raw)
     else:
-        limits = cgroups.vm_limits(
+        bounds = limits.vm_limits(
             spec.linux.resources.memory_mib(),
             st.vm_vcpus,
             raw,
             shares=not _is_pod_sandbox(spec.annotations),
         )
     try:
-        cgroups.create(placement, cgroups.Host.read(), pid)
-        cgroups.apply(placement.dirs, limits)
+        tree.create(placement, hierarchy.Host.read(), pid)
+        limits.apply(placement.dirs, bounds)
     except BonnevilleError as exc:
         if spec.linux.cgroups_path:
             raise
         log.warning("container %s runs without a cgroup of its own: %s", st.id, exc)
-        cgroups.remove(st.cgroup, st.cgroup_unit, timeout=0)
+        tree.remove(st.cgroup, st.cgroup_unit, timeout=0)
         st.cgroup, st.cgroup_unit = {}, ""
 
 
@@ -75,7 +75,7 @@ def join_as_proxy(st: ContainerState) -> None:
     if not st.cgroup:
         return
     try:
-        cgroups.join(st.cgroup, os.getpid())
+        tree.join(st.cgroup, os.getpid())
     except BonnevilleError as exc:
         log.warning("exec in %s: the proxy stays outside its cgroup: %s", st.id, exc)
         return
@@ -91,17 +91,17 @@ def update_limits(ctx: Context, st: ContainerState, resources: dict[str, Any]) -
     with members keeps the bound its grown VM was given."""
     if not st.cgroup or st.sandbox:
         return
-    quota, period, shares = cgroups.cpu_fields(resources)
+    quota, period, shares = limits.cpu_fields(resources)
     host_quota: int | None = None
-    host_period = cgroups.DEFAULT_CPU_PERIOD_US
+    host_period = limits.DEFAULT_CPU_PERIOD_US
     if (quota is not None or period is not None) and not _has_members(ctx, st.id):
-        host_quota, host_period = cgroups.cpu_quota(st.vm_vcpus, quota, period)
-    limits = cgroups.Limits(
+        host_quota, host_period = limits.cpu_quota(st.vm_vcpus, quota, period)
+    bounds = limits.Limits(
         cpu_quota=host_quota,
         cpu_period=host_period,
         cpu_shares=shares if shares and not _is_pod_sandbox(st.annotations) else None,
     )
-    cgroups.apply(st.cgroup, limits)
+    limits.apply(st.cgroup, bounds)
 
 
 def _has_members(ctx: Context, owner: str) -> bool:

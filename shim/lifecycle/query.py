@@ -7,7 +7,8 @@ import logging
 from typing import Any
 
 from bonneville.backends import procfs
-from bonneville.shim import cgroups, state
+from bonneville.shim import state
+from bonneville.shim.cgroups import tree
 from bonneville.shim.control import Op, Request
 from bonneville.shim.lifecycle.context import Context, locked, monitor_call, state_json
 from bonneville.shim.status import Status
@@ -60,7 +61,7 @@ def ps(ctx: Context, container_id: str) -> list[int]:
             extra = get_backend(st.backend).vm_pids(st.backend_state)
             pids += [pid for pid in extra if pid not in pids]
         # As runc lists its cgroup: the exec proxies too.
-        pids += [pid for pid in cgroups.processes(st.cgroup) if pid not in pids]
+        pids += [pid for pid in tree.processes(st.cgroup) if pid not in pids]
         return pids
 
 

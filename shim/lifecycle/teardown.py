@@ -10,7 +10,8 @@ import signal
 import time
 
 from bonneville.backends import procfs
-from bonneville.shim import cgroups, hooks, state, unixsock
+from bonneville.shim import hooks, state, unixsock
+from bonneville.shim.cgroups import tree
 from bonneville.shim.control import Op, Request
 from bonneville.shim.lifecycle.context import (
     Context,
@@ -66,7 +67,7 @@ def _delete_locked(ctx: Context, container_id: str, force: bool) -> None:
         send_signal(st.creator_pid, signal.SIGKILL)
     stop_monitor(ctx, st)
     # Also after a crash of the monitor or of create: the state names the cgroup.
-    cgroups.remove(st.cgroup, st.cgroup_unit)
+    tree.remove(st.cgroup, st.cgroup_unit)
     hooks.run_hooks_warn("poststop", st.poststop_hooks, hook_state(st, Status.STOPPED))
     ctx.store.remove(container_id)
 

@@ -226,7 +226,7 @@ class Member:
                     signum = message.get("signal")
                     if message.get("oom") is True and self.cfg.cgroup:
                         # The relay's cgroup is the one the runtime's caller watches.
-                        from bonneville.shim.cgroups import report_oom
+                        from bonneville.shim.cgroups.oom import report_oom
 
                         report_oom(self.cfg.cgroup)
                     return self._record(

@@ -278,7 +278,7 @@ class Pod:
         if self.oom_killed and self.cfg.cgroup:
             # The VM is gone; this process alone is left in the cgroup the runtime's caller
             # watches for OOM kills.
-            from bonneville.shim.cgroups import report_oom
+            from bonneville.shim.cgroups.oom import report_oom
 
             report_oom(self.cfg.cgroup)
         for callback in self.after_teardown:

@@ -148,9 +148,9 @@ class Members:
                 # The host's bound on the VM first: the guest must never touch RAM the host
                 # cgroup would not let QEMU have. (Imported here: a pod that never grows
                 # keeps the monitor without it.)
-                from bonneville.shim import cgroups
+                from bonneville.shim.cgroups.limits import raise_vm_limits
 
-                cgroups.raise_vm_limits(
+                raise_vm_limits(
                     self.pod.cfg.cgroup,
                     self.pod.vm.memory_mib + grow.add_memory_mib,
                     max(self.pod.vm.vcpus, grow.vcpus),
