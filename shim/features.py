@@ -19,7 +19,7 @@ What it claims, and why:
   applies the process's sets inside the guest.
 - ``cgroup``: v1, v2 and systemd: the container's host processes (monitor, QEMU, exec proxies)
   are placed where ``cgroupsPath`` says, as runc's managers place a container, and bounded by
-  the VM's size (shim/cgroups.py); the container's own limits apply inside the VM. Not the
+  the VM's size (shim/cgroups/); the container's own limits apply inside the VM. Not the
   user-scoped systemd manager (no rootless mode), not RDMA.
 - ``seccomp``: applied by the agent inside the guest through libseccomp (guest/syscallfilter.py),
   to the container's processes and its exec'd ones: the actions, operators and architectures
