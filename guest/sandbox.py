@@ -194,5 +194,5 @@ class Sandbox:
             "signal": signum,
         }
         if proc.init and owner is not None and owner.oom_killed():
-            message["oom"] = True  # the host's cgroup is told (shim/cgroups.report_oom)
+            message["oom"] = True  # the host's cgroup is told (shim/cgroups/oom.py)
         self.send_control(message)
