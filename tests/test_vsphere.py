@@ -170,7 +170,8 @@ def test_settings_from_file_and_environment(tmp_path: Path) -> None:
     assert (cfg.url, cfg.username, cfg.password) == ("https://vc.example/sdk", "u", "s3cret")
     assert cfg.datastore == "ds2"  # the environment wins over the file
     assert cfg.network == "VM Network"
-    assert cfg.verify_tls is True and cfg.agent_timeout == 120.0 and cfg.clone_mode == "auto"
+    assert not cfg.insecure and not cfg.thumbprint and not cfg.ca_file  # system CAs
+    assert cfg.agent_timeout == 120.0 and cfg.clone_mode == "auto"
     assert (cfg.host, cfg.port, cfg.scheme, cfg.path) == ("vc.example", 443, "https", "/sdk")
     assert "s3cret" not in repr(cfg)
     env["BONNEVILLE_VSPHERE_PASSWORD"] = "fromenv"

@@ -3,6 +3,14 @@
 The password is read from `$BONNEVILLE_VSPHERE_PASSWORD` or from the file `password_file` names
 (never from the config file itself, never from argv). It lives only in this object, whose repr
 hides it; nothing here writes it to a state file or a log.
+
+TLS (`tls.py`): the server's certificate is verified against the system's CAs, or against
+`ca_file` (`$BONNEVILLE_VSPHERE_CA_FILE`) alone when set. `thumbprint`
+(`$BONNEVILLE_VSPHERE_THUMBPRINT`, `sha256:AB:CD:…` or the 64 hex digits bare) pins the server's
+certificate instead, as a self-signed ESXi host needs; `insecure = true`
+(`$BONNEVILLE_VSPHERE_INSECURE`) turns verification off, with a warning in the log at every
+session. They exclude one another. `verify_tls = false`, the older spelling of
+`insecure = true`, is still read.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from bonneville.backends.vsphere.tls import format_thumbprint, parse_thumbprint
 from bonneville.spec import settings
 from bonneville.spec.errors import ConfigError
 
@@ -26,7 +35,7 @@ def _env(key: str) -> str:
 
 @dataclass(frozen=True)
 class VSphereSettings:
-    url: str  # https://vcenter.example/sdk (http only for vcsim, see tls below)
+    url: str  # https://vcenter.example/sdk (http only for vcsim)
     username: str
     password: str = field(repr=False)
     datacenter: str = ""  # empty: the only datacenter
@@ -35,8 +44,9 @@ class VSphereSettings:
     datastore: str = ""  # empty: the only datastore
     folder: str = ""  # VM folder under the datacenter's vm folder; empty: its root
     network: str = ""  # port group name; empty: no NIC
-    verify_tls: bool = True
-    ca_file: str = ""
+    ca_file: str = ""  # the CAs to verify the server against; empty: the system's
+    thumbprint: str = ""  # sha256:AB:CD:… of the server's certificate: trust it alone
+    insecure: bool = False  # no verification at all (a warning at every session)
     # Where the monitor listens for the VM's network serial port, and the address the ESXi host
     # is told to connect to (the runtime host as ESXi reaches it).
     listen_host: str = "0.0.0.0"
@@ -101,9 +111,7 @@ def load(environ: Mapping[str, str] | None = None) -> VSphereSettings:
     if not username:
         raise ConfigError(where, f"vsphere.username is not set (or ${_env('username')})")
     password = _password(environ, where)
-    verify = settings.get_bool(
-        SECTION, "verify_tls", env=_env("verify_tls"), default=True, environ=environ
-    )
+    insecure = _insecure(environ)
     timeout_text = get("agent_timeout", "120")
     try:
         agent_timeout = float(timeout_text)
@@ -117,15 +125,52 @@ def load(environ: Mapping[str, str] | None = None) -> VSphereSettings:
     values["template_prefix"] = values["template_prefix"] or "bonneville-template"
     if values["ca_file"] and not os.path.isfile(values["ca_file"]):
         raise ConfigError(where, f"vsphere.ca_file {values['ca_file']} does not exist")
+    thumbprint = _thumbprint(get("thumbprint"), where)
+    _one_trust(
+        where, parts.scheme, ca_file=values["ca_file"], thumbprint=thumbprint, insecure=insecure
+    )
     return VSphereSettings(
         url=url,
         username=username,
         password=password,
-        verify_tls=verify,
+        thumbprint=thumbprint,
+        insecure=insecure,
         agent_timeout=agent_timeout,
         clone_mode=clone_mode,
         **values,
     )
+
+
+def _thumbprint(text: str, where: str) -> str:
+    """The pin in its canonical spelling (sha256:AB:CD:…), "" for none."""
+    if not text:
+        return ""
+    try:
+        return format_thumbprint(parse_thumbprint(text))
+    except ValueError as exc:
+        raise ConfigError(where, f"vsphere.{exc}") from exc
+
+
+def _one_trust(where: str, scheme: str, **choices: object) -> None:
+    """At most one way to trust the server; a pin or `insecure` only where there is TLS."""
+    chosen = [name for name, value in choices.items() if value]
+    if len(chosen) > 1:
+        raise ConfigError(
+            where, f"vsphere.{' and vsphere.'.join(chosen)} exclude one another: set one"
+        )
+    if chosen and chosen[0] != "ca_file" and scheme != "https":
+        raise ConfigError(where, f"vsphere.{chosen[0]} needs an https url")
+
+
+def _insecure(environ: Mapping[str, str]) -> bool:
+    """`insecure`, or its older spelling `verify_tls = false` (settings files kept working)."""
+    insecure = settings.get_bool(
+        SECTION, "insecure", env=_env("insecure"), default=False, environ=environ
+    )
+    verify = settings.get_bool(
+        SECTION, "verify_tls", env=_env("verify_tls"), default=True, environ=environ
+    )
+    return insecure or not verify
 
 
 def _password(environ: Mapping[str, str], where: str) -> str:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from bonneville.backends.vsphere import tls
 from bonneville.backends.vsphere.config import VSphereSettings
 from bonneville.backends.vsphere.vmomi import vmomi
 from bonneville.spec.errors import BackendError
@@ -117,17 +118,6 @@ def wait_task(task: Any, what: str, timeout: float = TASK_TIMEOUT) -> Any:
     return values.get("info.result")
 
 
-def ssl_context(cfg: VSphereSettings) -> ssl.SSLContext | None:
-    if cfg.scheme != "https":
-        return None
-    if not cfg.verify_tls:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        return context
-    return ssl.create_default_context(cafile=cfg.ca_file or None)
-
-
 def connect(cfg: VSphereSettings) -> Any:
     """A logged-in ServiceInstance; errors say what is wrong without the password."""
     SmartConnect = vmomi("pyVim.connect").SmartConnect
@@ -141,7 +131,7 @@ def connect(cfg: VSphereSettings) -> Any:
             pwd=cfg.password,
             protocol=cfg.scheme,
             path=cfg.path,
-            sslContext=ssl_context(cfg),
+            sslContext=tls.session_context(cfg),
             connectionPoolTimeout=60,
         )
     except vim.fault.InvalidLogin as exc:
@@ -149,9 +139,7 @@ def connect(cfg: VSphereSettings) -> Any:
             f"vSphere login to {cfg.url} as {cfg.username} failed: incorrect user name or password"
         ) from exc
     except ssl.SSLError as exc:
-        raise BackendError(
-            f"TLS verification of {cfg.url} failed ({exc.reason}): set vsphere.ca_file to its CA"
-        ) from exc
+        raise BackendError(tls.failure(cfg, exc)) from exc
     except OSError as exc:
         raise BackendError(f"cannot reach vSphere at {cfg.url}: {exc.strerror or exc}") from exc
     except Exception as exc:

@@ -7,9 +7,9 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any
 
-from bonneville.backends.vsphere import specs
+from bonneville.backends.vsphere import specs, tls
 from bonneville.backends.vsphere.config import VSphereSettings
-from bonneville.backends.vsphere.connection import ssl_context, wait_task
+from bonneville.backends.vsphere.connection import wait_task
 from bonneville.backends.vsphere.datastore import Datastore
 from bonneville.backends.vsphere.vmomi import vmomi
 from bonneville.spec.errors import BackendError
@@ -80,7 +80,9 @@ def resolve(si: Any, cfg: VSphereSettings) -> Inventory:
             network = specs.NetworkRef(net.name, net.config.distributedVirtualSwitch.uuid, net.key)
         else:
             network = specs.NetworkRef(net.name)
-    return Inventory(dc, Datastore(si, dc, ds, cfg.url, ssl_context(cfg)), pool, folder, network)
+    return Inventory(
+        dc, Datastore(si, dc, ds, cfg.url, tls.ssl_context(cfg)), pool, folder, network
+    )
 
 
 def find_vm(si: Any, moref: str) -> Any:
