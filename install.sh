@@ -13,7 +13,7 @@ export DEBIAN_FRONTEND=noninteractive
 PACKAGES="python3 python3-venv python3-dev python3-seccomp gcc
     golang-go golang-github-vmware-govmomi-dev xorriso isolinux syslinux-common
     qemu-system-x86 qemu-utils linux-image-amd64 busybox-static
-    kmod cpio xz-utils iproute2 procps ca-certificates tar
+    kmod cpio xz-utils iproute2 procps ca-certificates openssl tar
     docker.io containerd runc iptables crun runsc containernetworking-plugins
     golang-go git util-linux
     libvirt-daemon-system libvirt-dev pkg-config"

@@ -1,5 +1,8 @@
 """vcsim for the vSphere tests: built from Debian's govmomi source, started, inspected, stopped.
 
+It serves plain http, or https with a certificate a test CA made here signed
+(`make_certificates`, the `openssl` CLI): integration/test_vsphere_tls.py.
+
 The launcher is ours (integration/vcsim/main.go); the simulator is govmomi's, built offline in
 GOPATH mode against /usr/share/gocode into a cache directory under /tmp (never committed).
 vcsim speaks the real vSphere API but runs nothing inside its VMs: `StandInGuest` plays the
@@ -10,18 +13,20 @@ and runs the real agent in host mode on that connection).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,7 @@ import pytest
 from bonneville.backends.vsphere.config import VSphereSettings
 from bonneville.backends.vsphere.connection import session
 from bonneville.backends.vsphere.inventory import children, resolve
+from bonneville.backends.vsphere.tls import certificate_thumbprint
 from bonneville.backends.vsphere.transport import preamble
 from bonneville.backends.vsphere.vmomi import vmomi
 from tests.support import terminate
@@ -83,6 +89,8 @@ class Vcsim:
     username: str
     password: str
     proc: subprocess.Popen[bytes]
+    # The TLS settings the helpers here reach this vcsim with (over https: its CA).
+    trust: dict[str, Any] = field(default_factory=dict)
 
     def settings(self, **overrides: Any) -> VSphereSettings:
         values: dict[str, Any] = {
@@ -91,6 +99,7 @@ class Vcsim:
             "password": self.password,
             "listen_host": "127.0.0.1",
             "advertise_host": "127.0.0.1",
+            **self.trust,
         }
         values.update(overrides)
         return VSphereSettings(**values)
@@ -98,10 +107,66 @@ class Vcsim:
 
 @pytest.fixture(scope="session")
 def vcsim() -> Iterator[Vcsim]:
+    with start_vcsim() as vc:
+        yield vc
+
+
+@dataclass(frozen=True)
+class Certificates:
+    """A test CA and the server certificate it signed for 127.0.0.1, as PEM files."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    thumbprint: str  # the server certificate's, sha256:AB:CD:…
+
+
+def make_certificates(directory: Path) -> Certificates:
+    """A fresh CA and a server certificate for IP 127.0.0.1 signed by it (openssl CLI)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = directory / "ca.pem", directory / "ca.key"
+    cert, key, csr = directory / "server.pem", directory / "server.key", directory / "server.csr"
+    ext = directory / "server.ext"
+    ext.write_text(
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+        "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n"
+    )
+
+    def openssl(*args: object) -> None:
+        argv = ["openssl", *map(str, args)]
+        env = {"PATH": "/usr/bin:/bin"}
+        subprocess.run(argv, capture_output=True, check=True, close_fds=True, env=env)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl(
+        *("req", "-x509", *ec, "-days", "2", "-keyout", ca_key, "-out", ca),
+        *("-subj", "/CN=bonneville test CA"),
+        *("-addext", "basicConstraints=critical,CA:TRUE"),
+        *("-addext", "keyUsage=critical,keyCertSign"),
+    )
+    openssl("req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1")
+    openssl(
+        *("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial"),
+        *("-out", cert, "-days", "2", "-extfile", ext),
+    )
+    der = ssl.PEM_cert_to_DER_cert(cert.read_text())
+    return Certificates(ca, cert, key, certificate_thumbprint(der))
+
+
+@contextlib.contextmanager
+def start_vcsim(certificates: Certificates | None = None) -> Iterator[Vcsim]:
+    """A vcsim of its own, until the block ends: over https with ``certificates`` (the helpers
+    here then trust its CA), else over http."""
     binary = build_vcsim()
     password = secrets.token_hex(12)
+    argv = [str(binary), "-listen", "127.0.0.1:0"]
+    trust: dict[str, Any] = {}
+    if certificates is not None:
+        argv += ["-tls-cert", str(certificates.cert), "-tls-key", str(certificates.key)]
+        trust = {"ca_file": str(certificates.ca)}
     proc = subprocess.Popen(
-        [str(binary), "-listen", "127.0.0.1:0"],
+        argv,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         stdin=subprocess.DEVNULL,
@@ -113,7 +178,7 @@ def vcsim() -> Iterator[Vcsim]:
         line = proc.stdout.readline().decode()  # the launcher prints it once it serves
         if not line.startswith("VCSIM_URL "):
             pytest.fail(f"vcsim did not start: {line!r}")
-        yield Vcsim(line.split()[1], USERNAME, password, proc)
+        yield Vcsim(line.split()[1], USERNAME, password, proc, trust)
     finally:
         terminate(proc, timeout=15)
 

@@ -4,9 +4,12 @@
 // (integration/vsphere_env.py does that), prints one line "VCSIM_URL <url>" once the endpoint
 // answers, and serves until it is killed. Credentials come from VCSIM_USERNAME and
 // VCSIM_PASSWORD (environment, never argv) so tests can check bad-credential errors.
+// With -tls-cert and -tls-key it serves https with that certificate (integration/
+// test_vsphere_tls.py), else plain http.
 package main
 
 import (
+	"crypto/tls"
 	"flag"
 	"fmt"
 	"log"
@@ -20,6 +23,8 @@ import (
 
 func main() {
 	listen := flag.String("listen", "127.0.0.1:0", "address to listen on")
+	certFile := flag.String("tls-cert", "", "serve https with this PEM certificate (chain)")
+	keyFile := flag.String("tls-key", "", "the PEM private key of -tls-cert")
 	flag.Parse()
 
 	model := simulator.VPX()
@@ -40,6 +45,13 @@ func main() {
 		log.Fatalf("vcsim: bad -listen: %v", err)
 	}
 	model.Service.Listen = u
+	if *certFile != "" {
+		pair, err := tls.LoadX509KeyPair(*certFile, *keyFile)
+		if err != nil {
+			log.Fatalf("vcsim: -tls-cert/-tls-key: %v", err)
+		}
+		model.Service.TLS = &tls.Config{Certificates: []tls.Certificate{pair}}
+	}
 	if user, pass := os.Getenv("VCSIM_USERNAME"), os.Getenv("VCSIM_PASSWORD"); user != "" {
 		model.Service.Listen.User = url.UserPassword(user, pass)
 	}
