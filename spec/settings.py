@@ -18,6 +18,9 @@ directly into process arguments or state files: backends take file paths for the
 
     [vsphere]
     url = "https://vcenter.example/sdk"
+    ca_file = "/etc/bonneville/vcenter-ca.pem"  # or thumbprint = "sha256:AB:…" (a pin)
+
+(backends/vsphere/config.py and docs/backends.md have every [vsphere] key.)
 """
 
 from __future__ import annotations
