@@ -30,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bonneville.guest.proc import descendants
 from tests.support import (
     Docker,
     default_config,
@@ -252,12 +253,6 @@ def pss_kib(pid: int) -> int:
     except OSError:
         pass
     return 0
-
-
-def descendants(pid: int) -> list[int]:
-    from bonneville.backends import procfs
-
-    return list(procfs.descendants(pid))
 
 
 def bench_memory(work: Path, count: int = 10) -> str:
