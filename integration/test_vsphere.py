@@ -339,24 +339,19 @@ def test_the_template_is_made_once_with_its_snapshot(
         runtime("delete", "--force", cid, check=True)
 
 
-def test_instant_clone_refused_by_the_server_falls_back_to_a_linked_clone(
-    vcsim: Vcsim, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, busybox_rootfs: Path
-) -> None:
-    """vcsim speaks API 6.5; claiming 6.7 makes `auto` call InstantClone_Task for real, and
-    the server's own fault (MethodNotFound) must send the backend down the chain."""
+def launch_config(tmp_path: Path, rootfs: Path, container_id: str) -> Any:
+    """A VMConfig for the backend's launch() called in-process: the guest image, a run
+    directory, and the export with the one container's tree (its root a copy of ``rootfs``)."""
     from bonneville.backends.base import VMConfig
     from bonneville.backends.image import ensure_image
 
-    monkeypatch.setattr(clone, "api_version", lambda si: (6, 7))
     image = ensure_image()
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    backend = VSphereBackend(vcsim.settings(agent_timeout=60))
     share = tmp_path / "share"  # the export: a directory per container (here one)
-    share.mkdir()
-    shutil.copytree(busybox_rootfs, share / "ic1" / "root", symlinks=True)
-    config = VMConfig(
-        container_id="ic1",
+    shutil.copytree(rootfs, share / container_id / "root", symlinks=True)
+    return VMConfig(
+        container_id=container_id,
         memory_mib=256,
         vcpus=1,
         share_dir=str(share),
@@ -365,6 +360,17 @@ def test_instant_clone_refused_by_the_server_falls_back_to_a_linked_clone(
         initrd=image.initrd,
         kernel_args=image.kernel_args,
     )
+
+
+def test_instant_clone_refused_by_the_server_falls_back_to_a_linked_clone(
+    vcsim: Vcsim, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, busybox_rootfs: Path
+) -> None:
+    """vcsim speaks API 6.5; claiming 6.7 makes `auto` call InstantClone_Task for real, and
+    the server's own fault (MethodNotFound) must send the backend down the chain."""
+    monkeypatch.setattr(clone, "api_version", lambda si: (6, 7))
+    backend = VSphereBackend(vcsim.settings(agent_timeout=60))
+    config = launch_config(tmp_path, busybox_rootfs, "ic1")
+    run_dir = Path(config.run_dir)
     with StandInGuest(vcsim, "ic1", busybox_rootfs):
         vm = backend.launch(config)
     try:
@@ -388,8 +394,6 @@ def test_an_instant_clone_whose_agent_never_connects_falls_back_to_a_linked_clon
     """`auto`: an instant clone the server made but whose guest never calls back (not
     fork-aware) is destroyed after INSTANT_AGENT_TIMEOUT and a linked clone takes its place.
     vcsim has no InstantClone_Task: the first clone is made linked and reported instant."""
-    from bonneville.backends.base import VMConfig
-    from bonneville.backends.image import ensure_image
     from bonneville.backends.vsphere import backend as vsb_backend
 
     real_make_vm = vsb_backend.make_vm
@@ -404,23 +408,8 @@ def test_an_instant_clone_whose_agent_never_connects_falls_back_to_a_linked_clon
 
     monkeypatch.setattr(vsb_backend, "make_vm", make_vm)
     monkeypatch.setattr(vsb_backend, "INSTANT_AGENT_TIMEOUT", 3.0)
-    image = ensure_image()
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
     backend = VSphereBackend(vcsim.settings(agent_timeout=60))
-    share = tmp_path / "share"
-    share.mkdir()
-    shutil.copytree(busybox_rootfs, share / "fb1" / "root", symlinks=True)
-    config = VMConfig(
-        container_id="fb1",
-        memory_mib=256,
-        vcpus=1,
-        share_dir=str(share),
-        run_dir=str(run_dir),
-        kernel=image.kernel,
-        initrd=image.initrd,
-        kernel_args=image.kernel_args,
-    )
+    config = launch_config(tmp_path, busybox_rootfs, "fb1")
     with StandInGuest(vcsim, "fb1", busybox_rootfs, ignore_first_vm=True) as guest:
         vm = backend.launch(config)
     try:
