@@ -195,12 +195,19 @@ def extra_config(vm: Any) -> dict[str, str]:
     return {o.key: str(o.value) for o in vm.config.extraConfig or []}
 
 
+def container_vms(si: Any, container_id: str) -> list[Any]:
+    """Every VM vSphere lists for ``container_id`` (more than one while a fallback replaces a
+    failed clone)."""
+    return [
+        vm
+        for vm in vms(si).values()
+        if vm.config is not None and extra_config(vm).get("bonneville.container-id") == container_id
+    ]
+
+
 def container_vm(si: Any, container_id: str) -> Any:
-    for vm in vms(si).values():
-        with_config = vm.config is not None
-        if with_config and extra_config(vm).get("bonneville.container-id") == container_id:
-            return vm
-    return None
+    found = container_vms(si, container_id)
+    return found[0] if found else None
 
 
 def datastore_files(vc: Vcsim) -> list[str]:
@@ -258,13 +265,14 @@ class StandInGuest:
         container_id: str,
         root: Path,
         token: str | None = None,
-        ignore_first_vm: bool = False,
+        ignore_vms: set[str] | None = None,
     ) -> None:
         self.vc = vc
-        # Play a guest that never answers in the container's first VM (an instant clone that
-        # is not fork-aware), and the real one in the next.
-        self.ignore_first_vm = ignore_first_vm
-        self.ignored: str | None = None
+        # Play a guest that never answers in these VMs (by moref: instant clones that are not
+        # fork-aware), and the real one in the next. The caller fills the set as it makes them,
+        # so a VM this thread never saw (it came and went while the thread logged in) cannot be
+        # mistaken for the one to serve.
+        self.ignore_vms = ignore_vms if ignore_vms is not None else set()
         self.container_id = container_id
         self.root = root
         self.forced_token = token
@@ -301,10 +309,13 @@ class StandInGuest:
         deadline = time.monotonic() + 120
         with session(self.vc.settings()) as si:
             while time.monotonic() < deadline:
-                vm = container_vm(si, self.container_id)
-                if vm is not None and self.ignore_first_vm and self.ignored in (None, vm._moId):
-                    self.ignored = vm._moId
-                elif vm is not None and str(vm.runtime.powerState) == "poweredOn":
+                candidates = [
+                    vm
+                    for vm in container_vms(si, self.container_id)
+                    if vm._moId not in self.ignore_vms
+                ]
+                vm = candidates[0] if candidates else None
+                if vm is not None and str(vm.runtime.powerState) == "poweredOn":
                     extra = extra_config(vm)
                     self.vm_seen = {"name": vm.name, "extra": extra}
                     break
