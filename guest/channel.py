@@ -8,13 +8,13 @@ import errno
 import os
 import select
 import stat
-import struct
 import termios
 import time
 from collections import deque
 
 from bonneville.guest import protocol
 from bonneville.guest.common import Log, set_nonblocking
+from bonneville.guest.fork import await_root_disk
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -23,15 +23,12 @@ if TYPE_CHECKING:
 CHUNK = 64 * 1024  # one read from the host
 # Kernel arguments that switch the agent to the vSphere-style channel and root (see
 # backends/vsphere/transport.py): bonneville.channel=ttyS1 (a UART instead of the virtio port),
-# bonneville.root=disk (the container root is the ext4 disk labelled ROOT_DISK_LABEL, not 9p),
+# bonneville.root=disk (the container root is the ext4 disk labelled rootdisk.LABEL, not 9p),
 # bonneville.token=T (the channel preamble's token; default: that disk's ext4 UUID).
 CHANNEL_ARG = "bonneville.channel"
 ROOT_ARG = "bonneville.root"
 TOKEN_ARG = "bonneville.token"
-ROOT_DISK_LABEL = "bonneville-root"
 SERIAL_PREAMBLE = b"BONNEVILLE-AGENT "
-EXT4_SUPER_OFFSET = 1024
-EXT4_MAGIC = 0xEF53
 
 
 def find_port() -> str | None:
@@ -66,35 +63,6 @@ def kernel_options(cmdline: str) -> dict[str, str]:
         if sep and key.startswith("bonneville."):
             options[key] = value
     return options
-
-
-def ext4_identity(head: bytes) -> tuple[str, str] | None:
-    """(label, UUID) of an ext4 superblock at the start of a device, or None."""
-    sb = head[EXT4_SUPER_OFFSET : EXT4_SUPER_OFFSET + 136]
-    if len(sb) < 136 or struct.unpack_from("<H", sb, 56)[0] != EXT4_MAGIC:
-        return None
-    raw = sb[104:120].hex()
-    uuid = f"{raw[:8]}-{raw[8:12]}-{raw[12:16]}-{raw[16:20]}-{raw[20:]}"
-    return sb[120:136].split(b"\0", 1)[0].decode(errors="replace"), uuid
-
-
-def find_root_disk(timeout: float = 30.0) -> tuple[str, str]:
-    """(device, UUID) of the ext4 disk labelled ROOT_DISK_LABEL, waiting for it to appear
-    (SCSI and virtio disks are probed asynchronously after their modules load)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        for name in sorted(os.listdir("/sys/class/block")):
-            device = f"/dev/{name}"
-            try:
-                with open(device, "rb") as f:
-                    identity = ext4_identity(f.read(4096))
-            except OSError:
-                continue
-            if identity is not None and identity[0] == ROOT_DISK_LABEL:
-                return device, identity[1]
-        if time.monotonic() > deadline:
-            raise OSError(errno.ENODEV, f"no ext4 disk labelled {ROOT_DISK_LABEL}")
-        time.sleep(0.05)
 
 
 def open_serial(name: str) -> int:
@@ -134,7 +102,11 @@ class Channel:
         elif self.mode.serial:
             # The host end is a TCP listener that takes this line as proof of who we are
             # (backends/vsphere/transport.py); frames follow, exactly as over virtio.
-            token = self.mode.token or (find_root_disk()[1] if self.mode.root_disk else "")
+            token = self.mode.token
+            if self.mode.root_disk:
+                # A template VM waits here, parked, until a fork gives it a disk (fork.py).
+                self.mode.root_device, disk_token = await_root_disk(log)
+                token = token or disk_token
             self.fd = open_serial(self.mode.serial)
             os.write(self.fd, SERIAL_PREAMBLE + token.encode() + b"\n")
             self.connected = True

@@ -13,11 +13,12 @@ import struct
 import time
 
 from bonneville.guest import linux, protocol
-from bonneville.guest.channel import CHANNEL_ARG, ROOT_ARG, TOKEN_ARG, find_root_disk
+from bonneville.guest.channel import CHANNEL_ARG, ROOT_ARG, TOKEN_ARG
 from bonneville.guest.common import Log, Refused, errtext, write_file
 from bonneville.guest.netconfig import guest_nics, set_ipv6
 from bonneville.guest.netlink import Netlink
 from bonneville.guest.proc import descendants
+from bonneville.guest.rootdisk import LABEL
 
 # Where the pod's share (the 9p export: a directory per container, docs/protocol.md) is
 # mounted in the VM; with bonneville.root=disk (vSphere) the one container's root disk is.
@@ -50,6 +51,7 @@ class Mode:
         self.serial = options.get(CHANNEL_ARG, "") if channel_fd is None else ""
         self.token = options.get(TOKEN_ARG, "")
         self.root_disk = options.get(ROOT_ARG) == "disk" and root is None
+        self.root_device = ""  # that disk, once the channel found it (fork.await_root_disk)
         # Host mode: the share is the given directory; in a VM it is the 9p export (or disk).
         self.share = root if root is not None else SHARE_MOUNT
         self.mount_share = root is None
@@ -121,8 +123,9 @@ class Mode:
             return
         os.makedirs(self.share, 0o755, exist_ok=True)
         if self.root_disk:
-            device, _ = find_root_disk()
-            linux.mount(device, self.share, "ext4", 0)
+            if not self.root_device:
+                raise Refused(f"no disk labelled {LABEL} (the root of this VM's container)")
+            linux.mount(self.root_device, self.share, "ext4", 0)
         else:
             linux.mount(protocol.ROOT_TAG, self.share, "9p", 0, NINEP_OPTIONS)
         self.share_mounted = True

@@ -26,7 +26,8 @@ from bonneville.backends.vsphere import clone
 from bonneville.backends.vsphere.backend import VSphereBackend
 from bonneville.backends.vsphere.connection import session, wait_task
 from bonneville.backends.vsphere.inventory import find_vm
-from bonneville.guest.channel import ROOT_DISK_LABEL, ext4_identity
+from bonneville.guest.rootdisk import LABEL as ROOT_DISK_LABEL
+from bonneville.guest.rootdisk import ext4_identity
 from integration.vsphere_env import (
     StandInGuest,
     Vcsim,

@@ -18,6 +18,7 @@ from bonneville.backends.vsphere import config as vconfig
 from bonneville.backends.vsphere import media, specs
 from bonneville.backends.vsphere.transport import SerialListener, new_token, preamble
 from bonneville.guest import channel as agent
+from bonneville.guest import rootdisk
 from bonneville.guest.mode import Mode
 from bonneville.spec.errors import BackendError, ConfigError
 from tests.golden_files import compare_golden, golden
@@ -298,7 +299,7 @@ def test_root_disk_is_ext4_of_the_share_with_the_token_as_uuid(
     token = new_token()
     disk = media.make_root_disk(str(busybox_rootfs), str(tmp_path), token)
     with open(disk.flat, "rb") as f:
-        assert agent.ext4_identity(f.read(4096)) == (agent.ROOT_DISK_LABEL, token)
+        assert rootdisk.ext4_identity(f.read(4096)) == (rootdisk.LABEL, token)
     assert os.path.getsize(disk.flat) == disk.size and disk.size % (1 << 20) == 0
     listing = subprocess.run(
         ["/usr/sbin/debugfs", "-R", "stat /bin/busybox", disk.flat], capture_output=True, text=True
@@ -311,7 +312,7 @@ def test_root_disk_is_ext4_of_the_share_with_the_token_as_uuid(
         ["qemu-img", "info", "--output=json", disk.descriptor], capture_output=True, text=True
     )
     assert '"format": "vmdk"' in info.stdout and f'"virtual-size": {disk.size}' in info.stdout
-    assert agent.ext4_identity(b"\0" * 4096) is None
+    assert rootdisk.ext4_identity(b"\0" * 4096) is None
 
 
 def test_root_disk_failure_removes_its_files(tmp_path: Path) -> None:
