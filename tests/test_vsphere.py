@@ -113,6 +113,23 @@ GOLDEN = {
         "container.xml",
         lambda: specs.to_xml(specs.container_config(CONTAINER, scsi_key=1000)),
     ),
+    # An instant clone's: its template's serial ports edited, its size left as it is.
+    "container_instant.xml": golden(
+        "vsphere",
+        "container_instant.xml",
+        lambda: specs.to_xml(
+            specs.container_config(
+                specs.ContainerPlan(
+                    **{
+                        **CONTAINER.__dict__,
+                        "serial_keys": (("channel", 9001), ("console", 9000)),
+                        "resize": False,
+                    }
+                ),
+                scsi_key=1000,
+            )
+        ),
+    ),
     **{name: golden("vsphere", name, make) for name, make in clone_specs().items()},
     "root.vmdk": golden(
         "vsphere",
@@ -130,6 +147,7 @@ def test_template_config_golden(name: str) -> None:
 
 def test_container_config_golden() -> None:
     compare_golden(GOLDEN["container.xml"])
+    compare_golden(GOLDEN["container_instant.xml"])
 
 
 def test_clone_specs_golden() -> None:

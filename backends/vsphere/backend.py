@@ -108,7 +108,17 @@ class VSphereBackend(Backend):
                 attempt = Undo()
                 undo.push("remove the VM", attempt.run)
                 vm, path = make_vm(
-                    si, inv, cfg, iso, iso_path, image_key, name, token, attempt, allow_instant
+                    si,
+                    inv,
+                    cfg,
+                    iso,
+                    iso_path,
+                    image_key,
+                    name,
+                    token,
+                    attempt,
+                    (config.memory_mib, config.vcpus),
+                    allow_instant,
                 )
                 try:
                     folder = vm_folder(vm)
@@ -133,6 +143,7 @@ class VSphereBackend(Backend):
                         token,
                         image_key,
                         attempt,
+                        instant=path == INSTANT,
                     )
                     folder_rel = folder[1]
                     if str(vm.runtime.powerState) != "poweredOn":

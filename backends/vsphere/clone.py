@@ -57,6 +57,7 @@ def make_vm(
     name: str,
     token: str,
     undo: Undo,
+    size: tuple[int, int],
     allow_instant: bool = True,
 ) -> tuple[Any, str]:
     """The container's VM by the best path the server offers; (vm, path taken)."""
@@ -71,6 +72,19 @@ def make_vm(
         )
     want_instant = mode == "instant" or (mode == "auto" and instant_ok and allow_instant)
     template = ensure_template(si, inv, cfg, iso, iso_path, image_key, powered_on=want_instant)
+    memory_mib, vcpus = size
+    hardware = template.config.hardware
+    if want_instant and (memory_mib > hardware.memoryMB or vcpus > hardware.numCPU):
+        # A fork runs with its template's memory and vCPUs: a running VM is not resized.
+        what = (
+            f"the container wants {memory_mib} MiB and {vcpus} vCPUs, the template has "
+            f"{hardware.memoryMB} MiB and {hardware.numCPU}"
+        )
+        if mode == "instant":
+            log.warning("%s: the instant clone runs with the template's", what)
+        else:
+            log.info("%s: a linked clone instead of an instant clone", what)
+            want_instant = False
     attempts: list[tuple[str, Callable[[], Any]]] = []
     if want_instant:
         attempts.append(
@@ -139,9 +153,11 @@ def configure(
     token: str,
     image_key: str,
     undo: Undo,
+    instant: bool = False,
 ) -> specs.ContainerPlan:
-    """Upload the root disk into the VM's ``folder`` (``vm_folder``) and add it, the serial
-    ports, the size."""
+    """Upload the root disk into the VM's ``folder`` (``vm_folder``) and add it; point the
+    serial ports at the VM's console file and its monitor; size it (unless it is an instant
+    clone, which runs as its template did)."""
     name = vm.name
     folder_path, folder_rel = folder
     undo.push(f"delete {folder_path}", lambda: inv.datastore.delete(folder_rel))
@@ -156,6 +172,8 @@ def configure(
         memory_mib=config.memory_mib,
         vcpus=config.vcpus,
         image_key=image_key,
+        serial_keys=_serial_keys(vm),
+        resize=not instant,
     )
     wait_task(
         vm.ReconfigVM_Task(spec=specs.container_config(plan, _scsi_key(vm))),
@@ -181,6 +199,23 @@ def _scsi_key(vm: Any) -> int:
             key: int = device.key
             return key
     raise BackendError(f"VM {vm.name} has no SCSI controller for its root disk")
+
+
+def _serial_keys(vm: Any) -> tuple[tuple[str, int], ...]:
+    """The serial ports the VM has from its template, by role (specs._serial_ports)."""
+    vim = vmomi().vim
+
+    roles = {
+        vim.vm.device.VirtualSerialPort.FileBackingInfo: "console",
+        vim.vm.device.VirtualSerialPort.URIBackingInfo: "channel",
+    }
+    found: dict[str, int] = {}
+    for device in vm.config.hardware.device:
+        if isinstance(device, vim.vm.device.VirtualSerialPort):
+            role = roles.get(type(device.backing))
+            if role is not None and role not in found:
+                found[role] = device.key
+    return tuple(sorted(found.items()))
 
 
 def _is_setup_fault(exc: BackendError) -> bool:

@@ -30,6 +30,9 @@ ROOT_DISK_UNIT = 0
 CONSOLE_UNIT = 0
 CHANNEL_UNIT = 1
 ISO_KERNEL_ARGS = ("bonneville.channel=ttyS1", "bonneville.root=disk")
+# The template's channel port, disconnected: each clone's reconfigure points it at the clone's
+# own monitor (an instant clone's while it runs: a serial port is not hot-added, only edited).
+PARKED_CHANNEL_URI = "tcp://127.0.0.1:9"
 
 EXTRA_TOKEN = "guestinfo.bonneville.token"
 EXTRA_CHANNEL = "guestinfo.bonneville.channel"
@@ -70,6 +73,11 @@ class ContainerPlan:
     memory_mib: int
     vcpus: int
     image_key: str = ""
+    # Keys of the serial ports the clone inherited from its template ("console", "channel"):
+    # edited in place; a port missing (a template made by an older version) is added.
+    serial_keys: tuple[tuple[str, int], ...] = ()
+    # An instant clone runs with its template's vCPUs and memory (not changed while it runs).
+    resize: bool = True
 
 
 def to_xml(obj: Any) -> str:
@@ -126,6 +134,12 @@ def template_config(plan: TemplatePlan) -> Any:
             ),
         ),
     ]
+    # The serial ports too, the channel disconnected: an instant clone of the running template
+    # cannot have one added, only its backing changed (container_config).
+    for port in _serial_ports(
+        f"[{plan.datastore}] {plan.name}", PARKED_CHANNEL_URI, False
+    ).values():
+        changes.append(vim.vm.device.VirtualDeviceSpec(operation=add, device=port))
     if plan.network is not None:
         changes.append(vim.vm.device.VirtualDeviceSpec(operation=add, device=_nic(plan.network)))
     return vim.vm.ConfigSpec(
@@ -169,15 +183,46 @@ def _nic(network: NetworkRef) -> Any:
     )
 
 
+def _serial_ports(vm_dir: str, channel_uri: str, connected: bool) -> dict[str, Any]:
+    """The console (a file in the VM's folder) and the agent's channel (a network serial port,
+    client direction), by role."""
+    vim = vmomi().vim
+
+    def connect(on: bool) -> Any:
+        return vim.vm.device.VirtualDevice.ConnectInfo(
+            startConnected=on, allowGuestControl=False, connected=on
+        )
+
+    return {
+        "console": vim.vm.device.VirtualSerialPort(
+            key=CONSOLE_KEY,
+            controllerKey=SIO_KEY,
+            unitNumber=CONSOLE_UNIT,
+            yieldOnPoll=True,
+            backing=vim.vm.device.VirtualSerialPort.FileBackingInfo(
+                fileName=f"{vm_dir}/console.log"
+            ),
+            connectable=connect(True),
+        ),
+        "channel": vim.vm.device.VirtualSerialPort(
+            key=CHANNEL_KEY,
+            controllerKey=SIO_KEY,
+            unitNumber=CHANNEL_UNIT,
+            yieldOnPoll=True,
+            backing=vim.vm.device.VirtualSerialPort.URIBackingInfo(
+                direction="client", serviceURI=channel_uri
+            ),
+            connectable=connect(connected),
+        ),
+    }
+
+
 def container_config(plan: ContainerPlan, scsi_key: int) -> Any:
     """ConfigSpec that turns a fresh clone into one container's VM: size, root disk, serial
     console and agent channel, identity for the guest and for people reading vCenter."""
     vim = vmomi().vim
 
-    add = vim.vm.device.VirtualDeviceSpec.Operation.add
-    connect = vim.vm.device.VirtualDevice.ConnectInfo(
-        startConnected=True, allowGuestControl=False, connected=True
-    )
+    operation = vim.vm.device.VirtualDeviceSpec.Operation
     disk = vim.vm.device.VirtualDisk(
         key=DISK_KEY,
         controllerKey=scsi_key,
@@ -186,29 +231,17 @@ def container_config(plan: ContainerPlan, scsi_key: int) -> Any:
             fileName=plan.disk_path, diskMode="persistent", thinProvisioned=False
         ),
     )
-    console = vim.vm.device.VirtualSerialPort(
-        key=CONSOLE_KEY,
-        controllerKey=SIO_KEY,
-        unitNumber=CONSOLE_UNIT,
-        yieldOnPoll=True,
-        backing=vim.vm.device.VirtualSerialPort.FileBackingInfo(
-            fileName=f"{plan.vm_folder_path}/console.log"
-        ),
-        connectable=connect,
-    )
-    channel = vim.vm.device.VirtualSerialPort(
-        key=CHANNEL_KEY,
-        controllerKey=SIO_KEY,
-        unitNumber=CHANNEL_UNIT,
-        yieldOnPoll=True,
-        backing=vim.vm.device.VirtualSerialPort.URIBackingInfo(
-            direction="client", serviceURI=plan.channel_uri
-        ),
-        connectable=connect,
-    )
-    return vim.vm.ConfigSpec(
-        numCPUs=plan.vcpus,
-        memoryMB=plan.memory_mib,
+    changes = [vim.vm.device.VirtualDeviceSpec(operation=operation.add, device=disk)]
+    inherited = dict(plan.serial_keys)
+    for role, port in _serial_ports(plan.vm_folder_path, plan.channel_uri, True).items():
+        if role in inherited:
+            port.key = inherited[role]
+            # ESXi takes an edit without it; vcsim dereferences it.
+            port.deviceInfo = vim.Description(label=f"bonneville {role}", summary=role)
+            changes.append(vim.vm.device.VirtualDeviceSpec(operation=operation.edit, device=port))
+        else:
+            changes.append(vim.vm.device.VirtualDeviceSpec(operation=operation.add, device=port))
+    spec = vim.vm.ConfigSpec(
         annotation=annotation(plan.container_id, plan.image_key),
         extraConfig=[
             _option(EXTRA_TOKEN, plan.token),
@@ -216,12 +249,12 @@ def container_config(plan: ContainerPlan, scsi_key: int) -> Any:
             _option(EXTRA_CONTAINER, plan.container_id),
             _option(EXTRA_ROLE, "container"),
         ],
-        deviceChange=[
-            vim.vm.device.VirtualDeviceSpec(operation=add, device=disk),
-            vim.vm.device.VirtualDeviceSpec(operation=add, device=console),
-            vim.vm.device.VirtualDeviceSpec(operation=add, device=channel),
-        ],
+        deviceChange=changes,
     )
+    if plan.resize:
+        spec.numCPUs = plan.vcpus
+        spec.memoryMB = plan.memory_mib
+    return spec
 
 
 def linked_clone_spec(snapshot: Any, pool: Any, datastore: Any) -> Any:
