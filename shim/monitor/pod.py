@@ -191,6 +191,7 @@ class Pod:
             self.forwarder = Forwarder(self, on_host=self.cfg.host_network)
             network_request["watchPorts"] = True
         reply = self.agent.call("network", AGENT_CALL_TIMEOUT, network=network_request)
+        self.vm.addressed(reply)
         self.timeline.mark(f"network configured (in the guest: {daemon.laps(reply)})")
         self._open_console()
         control_path = os.path.join(self.cfg.state_dir, state.SOCKET_FILE)
