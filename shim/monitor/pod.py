@@ -32,6 +32,7 @@ from bonneville.shim.agent_client import AgentConnection
 from bonneville.shim.control import VM_KILLED_STATUS, Phase, phase
 from bonneville.shim.monitor import daemon, dnsrelay, guestspec, share, sizing
 from bonneville.shim.monitor.forward import Forwarder
+from bonneville.shim.monitor.relay import AddressRelay
 from bonneville.shim.monitor.requests import Requests
 from bonneville.shim.monitor.sessions import Members, PodContainer, Session
 from bonneville.shim.monitor.vm import PodVM
@@ -189,6 +190,9 @@ class Pod:
             network_request["dnsRelay"] = resolvers
         if self.cfg.host_network or _is_sandbox(self.spec.annotations):
             self.forwarder = Forwarder(self, on_host=self.cfg.host_network)
+            network_request["watchPorts"] = True
+        elif network_request.get("addressing"):  # a VM on its backend's own network
+            self.forwarder = AddressRelay(self)
             network_request["watchPorts"] = True
         reply = self.agent.call("network", AGENT_CALL_TIMEOUT, network=network_request)
         self.vm.addressed(reply)
