@@ -100,7 +100,10 @@ class Lease:
 @contextlib.contextmanager
 def _locked(root: str) -> Iterator[dict[str, Any]]:
     """The leases of ``root``, under the lock; changes to the dict are written back."""
-    fd = os.open(os.path.join(root, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(os.path.join(root, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise BackendError(f"cannot lock the static address leases in {root}: {exc}") from exc
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         path = os.path.join(root, LEASES_FILE)
@@ -116,7 +119,10 @@ def _locked(root: str) -> Iterator[dict[str, Any]]:
         before = json.dumps(leases, sort_keys=True)
         yield leases
         if json.dumps(leases, sort_keys=True) != before:
-            atomic_write(path, json.dumps(leases, sort_keys=True, indent=1).encode())
+            try:
+                atomic_write(path, json.dumps(leases, sort_keys=True, indent=1).encode())
+            except OSError as exc:
+                raise BackendError(f"cannot write the static address leases {path}: {exc}") from exc
     finally:
         os.close(fd)
 
@@ -151,6 +157,21 @@ def release(record: Any) -> None:
         holder = leases.get(address)
         if holder == {"container": record.get("container"), "token": record.get("token")}:
             del leases[address]
+
+
+def net_state(
+    mode: str, mac: str, lease: Lease | None, addresses: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The backend state's record of the NIC: ``net`` (mode, MAC, the address the guest
+    reported) and ``lease`` (a static address's, for whoever releases it)."""
+    state: dict[str, Any] = {}
+    if lease is not None:
+        state["lease"] = lease.record()
+    if mode != "none":
+        state["net"] = {"mode": mode, "mac": mac}
+        if addresses:
+            state["net"]["address"] = str(addresses[0].get("address") or "")
+    return state
 
 
 def guest_addressing(

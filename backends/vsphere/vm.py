@@ -11,7 +11,13 @@ import threading
 from typing import Any
 
 from bonneville.backends.base import VM
-from bonneville.backends.vsphere.addressing import Lease, guest_addressing, parse_range, release
+from bonneville.backends.vsphere.addressing import (
+    Lease,
+    guest_addressing,
+    net_state,
+    parse_range,
+    release,
+)
 from bonneville.backends.vsphere.config import VSphereSettings
 from bonneville.backends.vsphere.connection import disconnect, enter_netns, in_netns, session
 from bonneville.backends.vsphere.inventory import Inventory, destroy_vm, find_vm
@@ -99,12 +105,7 @@ class VSphereVM(VM):
             "folder": self._folder_path,
             "clone": self.clone_path,
         }
-        if self._lease is not None:
-            state["lease"] = self._lease.record()
-        if self._cfg.net_mode != "none":
-            state["net"] = {"mode": self._cfg.net_mode, "mac": self._mac}
-            if self._addresses:
-                state["net"]["address"] = self._addresses[0].get("address", "")
+        state.update(net_state(self._cfg.net_mode, self._mac, self._lease, self._addresses))
         return state
 
     def guest_addressing(self) -> list[dict[str, Any]]:
