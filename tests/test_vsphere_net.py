@@ -5,6 +5,7 @@ integration/test_vsphere_net.py."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import multiprocessing.queues
@@ -255,3 +256,189 @@ def test_lease_record_and_resolv_conf() -> None:
         "# written by bonneville from dhcp on eth0\nsearch example\n"
         "nameserver 192.0.2.53\nnameserver 192.0.2.54\n"
     )
+
+
+def test_leases_in_an_unwritable_root_fail_with_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-root"
+    with pytest.raises(BackendError, match="cannot lock the static address leases") as caught:
+        addressing.allocate(str(missing), addressing.parse_range("192.0.2.10/24"), "a", "t")
+    assert "\n" not in str(caught.value)
+
+
+def test_backend_state_records_mode_mac_address_and_lease(tmp_path: Path) -> None:
+    lease = addressing.Lease(str(tmp_path), "192.0.2.10", "c1", "tok")
+    got = [{"address": "192.0.2.10/24", "interface": "eth0"}]
+    assert addressing.net_state("static", "00:50:56:00:00:01", lease, got) == {
+        "lease": {
+            "root": str(tmp_path),
+            "address": "192.0.2.10",
+            "container": "c1",
+            "token": "tok",
+        },
+        "net": {"mode": "static", "mac": "00:50:56:00:00:01", "address": "192.0.2.10/24"},
+    }
+    assert addressing.net_state("dhcp", "00:50:56:00:00:01", None, []) == {
+        "net": {"mode": "dhcp", "mac": "00:50:56:00:00:01"}
+    }
+    assert addressing.net_state("none", "", None, []) == {}
+
+
+# ---- the monitor's side ------------------------------------------------------------------------
+
+
+class AddressedVM:
+    """A backend VM on a network of its own, as PodVM sees it."""
+
+    def __init__(self) -> None:
+        self.got: list[dict[str, object]] = []
+
+    def guest_addressing(self) -> list[dict[str, object]]:
+        return addressing.guest_addressing("dhcp", "00:50:56:00:00:01")
+
+    def addressed(self, addresses: list[dict[str, object]]) -> None:
+        self.got = addresses
+
+
+def test_the_monitor_sends_the_addressing_and_notes_what_the_guest_got(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from types import SimpleNamespace
+
+    from bonneville.shim.monitor.daemon import Timeline
+    from bonneville.shim.monitor.vm import PodVM
+
+    pod_vm = PodVM(SimpleNamespace(host_network=False), Timeline())  # type: ignore[arg-type]
+    vm = AddressedVM()
+    pod_vm.vm = vm  # type: ignore[assignment]
+    request = pod_vm.network_request()
+    assert request["addressing"] == [{"mac": "00:50:56:00:00:01", "mode": "dhcp"}]
+    assert request["interfaces"] == []
+    entry = {
+        "mac": "00:50:56:00:00:01",
+        "interface": "eth0",
+        "mode": "dhcp",
+        "address": "192.0.2.57/24",
+        "gateway": "192.0.2.1",
+        "dns": ["192.0.2.53"],
+    }
+    with caplog.at_level("INFO", logger="bonneville.monitor"):
+        pod_vm.addressed({"timings": [], "addresses": [entry, "junk"]})
+    assert vm.got == [entry]
+    assert pod_vm.guest_address == "192.0.2.57"
+    assert (
+        "guest NIC eth0 (00:50:56:00:00:01): 192.0.2.57/24 by dhcp, gateway 192.0.2.1,"
+        " DNS 192.0.2.53" in caplog.text
+    )
+    # A guest that reports nothing (host mode) leaves no address to relay to.
+    silent = PodVM(SimpleNamespace(host_network=False), Timeline())  # type: ignore[arg-type]
+    silent.vm = AddressedVM()  # type: ignore[assignment]
+    silent.addressed({"timings": []})
+    assert silent.guest_address == ""
+
+
+# ---- the port relay (shim/monitor/relay.py), in private network namespaces ---------------------
+
+
+def relayed_to_the_guest_address() -> dict[str, object]:
+    """Run in a private network namespace standing for the container's; a thread makes another
+    for the runtime's, where the "guest" listens on 127.0.0.2 (the VM's address)."""
+    import ctypes
+    import selectors
+    import socket
+    import threading
+    import time
+
+    from bonneville.guest.netlink import Netlink
+    from bonneville.shim.monitor.relay import AddressRelay
+
+    def lo_up() -> None:
+        with Netlink() as nl:
+            nl.set_link(socket.if_nametoindex("lo"))
+
+    lo_up()
+    made: list[object] = []
+    payload = os.urandom(4 << 20)
+
+    def guest() -> None:
+        if ctypes.CDLL(None, use_errno=True).unshare(0x40000000) != 0:  # CLONE_NEWNET
+            raise OSError(ctypes.get_errno(), "unshare")
+        lo_up()
+        server = socket.create_server(("127.0.0.2", 0))
+        made.extend([os.open("/proc/thread-self/ns/net", os.O_RDONLY), server])
+        conn, _ = server.accept()
+        with conn:
+            while data := conn.recv(1 << 16):
+                conn.sendall(data)  # an echo, half-closed when the client's side ends
+
+    thread = threading.Thread(target=guest, daemon=True)
+    thread.start()
+    while len(made) < 2:
+        time.sleep(0.01)
+    netns_fd, server = made
+    assert isinstance(netns_fd, int) and isinstance(server, socket.socket)
+    port = server.getsockname()[1]
+
+    class VMSide:
+        guest_address = "127.0.0.2"
+        runtime_netns_fd = netns_fd
+
+    class Pod:
+        selector = selectors.DefaultSelector()
+        vm = VMSide()
+
+    relay = AddressRelay(Pod())  # type: ignore[arg-type]
+    relay.on_ports(
+        [
+            ["0.0.0.0", port],  # a wildcard socket: relayed
+            ["127.0.0.1", port + 1],  # loopback only: not reachable over the NIC
+            ["10.9.9.9", port + 2],  # another address: neither
+            ["127.0.0.2", port + 3],  # the VM's own address (nothing listens: refused)
+            "junk",
+        ]
+    )
+    out: dict[str, object] = {"listeners": sorted(f"{a}:{p - port}" for a, p in relay.listeners)}
+    echoed: list[bytes] = []
+
+    def client() -> None:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sender = threading.Thread(target=lambda: (sock.sendall(payload), sock.shutdown(1)))
+            sender.start()
+            data = bytearray()
+            while chunk := sock.recv(1 << 16):
+                data += chunk
+            sender.join()
+            echoed.append(bytes(data))
+        with socket.create_connection(("127.0.0.1", port + 3)) as sock:
+            echoed.append(sock.recv(10))  # the relay closes it: the guest refused
+
+    user = threading.Thread(target=client)
+    user.start()
+    deadline = time.monotonic() + 30
+    while user.is_alive() and time.monotonic() < deadline:
+        for key, events in Pod.selector.select(0.1):
+            kind, what = key.data
+            if kind == "listener":
+                relay.on_accept(what)
+            else:
+                relay.on_ready(what, events)
+    user.join(1)
+    out["echoed"] = [hashlib.sha256(e).hexdigest() for e in echoed]
+    out["sent"] = hashlib.sha256(payload).hexdigest()
+    out["pairs_left"] = len(relay.pairs)
+    relay.on_ports([])
+    out["after_withdrawal"] = len(relay.listeners)
+    relay.close()
+    return out
+
+
+def test_the_relay_carries_connections_to_the_guest_address_from_the_runtime_netns() -> None:
+    from tests.support import in_private_netns
+
+    out = in_private_netns(
+        "import json\nfrom tests.test_vsphere_net import relayed_to_the_guest_address\n"
+        "print(json.dumps(relayed_to_the_guest_address()))"
+    )
+    assert out["listeners"] == ["0.0.0.0:0", "0.0.0.0:3"]
+    assert out["echoed"] == [out["sent"], hashlib.sha256(b"").hexdigest()]
+    assert out["pairs_left"] == 0
+    assert out["after_withdrawal"] == 0
