@@ -442,3 +442,15 @@ def test_the_relay_carries_connections_to_the_guest_address_from_the_runtime_net
     assert out["echoed"] == [out["sent"], hashlib.sha256(b"").hexdigest()]
     assert out["pairs_left"] == 0
     assert out["after_withdrawal"] == 0
+
+
+def test_a_template_per_port_group(tmp_path: Path) -> None:
+    """Clones keep their template's NIC: a template made without the network (or another)
+    must not serve a config that names one."""
+    from bonneville.backends.vsphere.template import template_name
+
+    none = template_name(load(tmp_path, ""), "k")
+    ours = template_name(load(tmp_path, 'network = "VM Network"\n'), "k")
+    other = template_name(load(tmp_path, 'network = "DMZ"\n'), "k")
+    assert none == "bonneville-template-k"
+    assert ours.startswith("bonneville-template-k-net") and len({none, ours, other}) == 3
