@@ -64,8 +64,8 @@ class VSphereSettings:
     clone_mode: str = "auto"
     template_prefix: str = "bonneville-template"
     # How the guest addresses its NIC on ``network``: "dhcp", "static" (from static_range) or
-    # "none"; "" (only without a network) is "none".
-    net_mode: str = ""
+    # "none". load() makes "dhcp" the default when there is a network.
+    net_mode: str = "none"
     static_range: str = ""  # FIRST-LAST/PREFIX, validated by load()
     gateway: str = ""
     dns: tuple[str, ...] = ()
