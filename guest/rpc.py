@@ -92,7 +92,10 @@ def op_network(agent: Agent, message: dict[str, Any]) -> dict[str, Any]:
                 raise Refused("network: addressing must be a list")
             if addressing:
                 roots = [c.init_pid for c in agent.sandbox.containers.values() if c.init_pid]
-                addresses = address_nics(addressing, roots, agent.log)
+                taken = tuple(
+                    str(i.get("mac", "")).lower() for i in network.get("interfaces") or []
+                )
+                addresses = address_nics(addressing, roots, agent.log, taken)
         except OSError as exc:
             raise Refused(f"configure the network: {errtext(exc)}") from exc
     relays = [str(a) for a in network.get("dnsRelay") or []]

@@ -67,18 +67,30 @@ exit 0
 """
 
 
-def address_nics(addressing: list[Any], roots: list[int], log: Log) -> list[dict[str, Any]]:
+def address_nics(
+    addressing: list[Any], roots: list[int], log: Log, taken: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
     """Address each NIC of ``addressing``; ``roots``: the init PIDs of the containers whose
-    /etc/resolv.conf gets the DNS servers. What each NIC got, for the reply."""
+    /etc/resolv.conf gets the DNS servers; ``taken``: MACs of NICs ``interfaces`` configures.
+    What each NIC got, for the reply.
+
+    A NIC is found by its MAC. A clone of a running VM (an instant clone) may still carry its
+    template's MAC: failing a match, a NIC that nothing else claims is given the MAC."""
+    if not all(isinstance(entry, dict) for entry in addressing):
+        raise Refused("network: addressing entries must be objects")
     nics = guest_nics()
+    wanted = {str(entry.get("mac", "")).lower() for entry in addressing} | set(taken)
+    spare = [name for mac, name in nics.items() if mac not in wanted]
     results = []
     for entry in addressing:
-        if not isinstance(entry, dict):
-            raise Refused("network: addressing entries must be objects")
         mac = str(entry.get("mac", "")).lower()
         name = nics.get(mac)
         if name is None:
-            raise Refused(f"no network interface for MAC {mac} in the guest")
+            if not spare:
+                raise Refused(f"no network interface for MAC {mac} in the guest")
+            name = spare.pop(0)
+            with Netlink() as nl:
+                nl.set_link(socket.if_nametoindex(name), mac=mac)
         mode = entry.get("mode")
         if mode == "dhcp":
             got = dhcp(name, float(entry.get("timeout") or DHCP_TIMEOUT))

@@ -53,6 +53,7 @@ GATEWAY = "192.0.2.1"
 SUBNET = ipaddress.IPv4Network("192.0.2.0/24")
 POOL = ("192.0.2.50", "192.0.2.59")
 MAC = "00:50:56:0b:0e:01"
+TEMPLATE_MAC = "00:50:56:0b:0e:99"
 RELAY_TIMEOUT = 30.0
 
 
@@ -176,7 +177,9 @@ def test_dhcp_address_route_resolv_conf_and_a_relayed_port(
 def test_static_address_route_and_resolv_conf(
     tmp_path: Path, vm_parts: VMParts, port_group: PortGroup
 ) -> None:
-    with boot(tmp_path, vm_parts, Nic(port_group.tap, MAC), port_group.netns) as vm:
+    # The NIC still has another MAC, as an instant clone's has its template's: the agent
+    # gives it the one vSphere assigned before addressing it.
+    with boot(tmp_path, vm_parts, Nic(port_group.tap, TEMPLATE_MAC), port_group.netns) as vm:
         create_container(vm.agent, "static")
         addressing = guest_addressing(
             "static", MAC, "192.0.2.77/24", GATEWAY, ("192.0.2.54", "192.0.2.55")
@@ -185,6 +188,8 @@ def test_static_address_route_and_resolv_conf(
         assert got["address"] == "192.0.2.77/24"
         addresses, routes, resolv = container_network(vm.agent)
         assert "inet 192.0.2.77/24 " in addresses, addresses
+        link, _ = run_in_container(vm.agent, 11, f"ip -o link show dev {got['interface']}")
+        assert f"link/ether {MAC} " in link, link
         assert f"default via {GATEWAY} dev {got['interface']}" in routes, routes
         assert "nameserver 192.0.2.54\nnameserver 192.0.2.55\n" in resolv, resolv
         # The port group reaches the VM at its address.
