@@ -114,6 +114,15 @@ class VM(ABC):
         """Plug vCPUs until the VM has ``total`` (at most its maximum); the count it has."""
         raise BackendError("this backend cannot add vCPUs to a running VM")
 
+    def guest_addressing(self) -> list[dict[str, Any]]:
+        """How the guest addresses NICs the backend put on a network of its own (not the
+        container's namespace): ``network.addressing`` of docs/protocol.md."""
+        return []
+
+    def addressed(self, addresses: list[dict[str, Any]]) -> None:
+        """What the guest got from ``guest_addressing`` (``network``'s reply), for the state."""
+        return None
+
     @abstractmethod
     def stop(self, timeout: float = 5.0) -> None:
         """Power the VM off (forcibly after ``timeout``) and release everything it held."""

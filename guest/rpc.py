@@ -19,6 +19,7 @@ from bonneville.guest.netconfig import configure_network
 from bonneville.guest.process import ExecSpec, set_winsize
 from bonneville.guest.tunnel import Tunnel
 from bonneville.guest.tunnel import connect as tunnel_connect
+from bonneville.guest.uplink import address_nics
 
 # For the type checker only: importing typing costs a cold boot ~0.1 s under TCG.
 TYPE_CHECKING = False
@@ -82,9 +83,19 @@ def op_network(agent: Agent, message: dict[str, Any]) -> dict[str, Any]:
     network = message.get("network")
     if not isinstance(network, dict):
         raise Refused("network: network must be an object")
+    addresses: list[dict[str, Any]] = []
     if agent.mode.guest_wide:
         try:
             configure_network(network, agent.log)
+            addressing = network.get("addressing") or []
+            if not isinstance(addressing, list):
+                raise Refused("network: addressing must be a list")
+            if addressing:
+                roots = [c.init_pid for c in agent.sandbox.containers.values() if c.init_pid]
+                taken = tuple(
+                    str(i.get("mac", "")).lower() for i in network.get("interfaces") or []
+                )
+                addresses = address_nics(addressing, roots, agent.log, taken)
         except OSError as exc:
             raise Refused(f"configure the network: {errtext(exc)}") from exc
     relays = [str(a) for a in network.get("dnsRelay") or []]
@@ -96,7 +107,7 @@ def op_network(agent: Agent, message: dict[str, Any]) -> dict[str, Any]:
     agent.watching_ports = bool(network.get("watchPorts"))
     agent.network_done = True
     watch.lap("network")
-    return {"timings": watch.laps}
+    return {"timings": watch.laps, "addresses": addresses}
 
 
 def op_start(agent: Agent, message: dict[str, Any]) -> dict[str, Any]:

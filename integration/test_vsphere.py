@@ -23,6 +23,7 @@ import pytest
 
 from bonneville.backends.base import JOURNAL_FILE
 from bonneville.backends.vsphere import clone
+from bonneville.backends.vsphere.addressing import LEASES_FILE
 from bonneville.backends.vsphere.backend import VSphereBackend
 from bonneville.backends.vsphere.connection import session, wait_task
 from bonneville.backends.vsphere.inventory import find_vm
@@ -441,4 +442,69 @@ def test_delete_after_the_monitor_died_destroys_the_vm_through_the_api(
     with session(vcsim.settings()) as si:
         assert container_vm(si, "k1") is not None  # nobody has cleaned up yet
     runtime("delete", "k1", check=True)  # backend.destroy(private state) from the CLI
+    assert leftovers(vcsim) == ([], [])
+
+
+def leases(runtime: Runtime) -> dict[str, Any]:
+    path = runtime.root / LEASES_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def test_static_addresses_are_leased_per_container_and_always_given_back(
+    runtime: Runtime, vcsim: Vcsim, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 23: one address per running container, released by delete, by a failed create
+    and by create's cleanup after its monitor was killed; a full range fails create in one
+    line; a malformed one fails it before anything is made."""
+    config = write_config(
+        tmp_path / "static.toml",
+        vcsim,
+        network="VM Network",
+        net_mode="static",
+        static_range="192.0.2.10-192.0.2.11/24",
+        gateway="192.0.2.1",
+        dns=["192.0.2.53"],
+    )
+    monkeypatch.setenv("BONNEVILLE_CONFIG", str(config))
+    bundle = make_bundle(tmp_path, ["sleep", "60"])
+    held = {}
+    for cid in ("s1", "s2"):
+        with StandInGuest(vcsim, cid, bundle / "rootfs"):
+            runtime("create", "--bundle", str(bundle), cid, check=True)
+        saved = json.loads((runtime.root / cid / "state.json").read_text())["backend_state"]
+        held[cid] = saved["lease"]["address"]
+        assert saved["net"]["mode"] == "static" and saved["net"]["mac"], saved
+    assert sorted(held.values()) == ["192.0.2.10", "192.0.2.11"]
+    assert {a: h["container"] for a, h in leases(runtime).items()} == {
+        a: c for c, a in held.items()
+    }
+
+    full = runtime("create", "--bundle", str(bundle), "s3")
+    lines = full.stderr.decode().strip().splitlines()
+    assert full.returncode == 1 and len(lines) == 1, full.stderr
+    assert "no free address in vsphere.static_range 192.0.2.10-192.0.2.11" in lines[0]
+    assert not (runtime.root / "s3").exists()
+
+    runtime("delete", "--force", "s1", check=True)
+    assert set(leases(runtime)) == {held["s2"]}
+
+    # A create that fails (no agent) and one whose monitor dies leave the lease free again.
+    monkeypatch.setenv("BONNEVILLE_VSPHERE_AGENT_TIMEOUT", "3")
+    failed = runtime("create", "--bundle", str(bundle), "s4")
+    assert failed.returncode == 1 and b"did not connect" in failed.stderr, failed.stderr
+    assert set(leases(runtime)) == {held["s2"]}
+    monkeypatch.setenv("BONNEVILLE_VSPHERE_AGENT_TIMEOUT", "120")
+    journal = kill_monitor_during_create(runtime, bundle, "s5", lambda j: "vm" in j)
+    assert journal["lease"]["address"] == held["s1"]  # journaled with the VM
+    assert set(leases(runtime)) == {held["s2"]}
+
+    runtime("delete", "--force", "s2", check=True)
+    assert leases(runtime) == {}
+
+    monkeypatch.setenv("BONNEVILLE_VSPHERE_STATIC_RANGE", "192.0.2.11-192.0.2.10/24")
+    bad = runtime("create", "--bundle", str(bundle), "s6")
+    lines = bad.stderr.decode().strip().splitlines()
+    assert bad.returncode == 1 and len(lines) == 1, bad.stderr
+    assert "vsphere.static_range '192.0.2.11-192.0.2.10/24': 192.0.2.10 comes before" in lines[0]
+    assert not (runtime.root / "s6").exists()
     assert leftovers(vcsim) == ([], [])

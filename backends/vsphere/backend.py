@@ -20,7 +20,8 @@ from typing import Any
 
 from bonneville.backends.base import VM, Backend, Capability, VMConfig, write_journal
 from bonneville.backends.vsphere import media
-from bonneville.backends.vsphere.clone import INSTANT, Undo, configure, make_vm, vm_folder
+from bonneville.backends.vsphere.addressing import Lease, allocate, parse_range, release
+from bonneville.backends.vsphere.clone import INSTANT, Undo, configure, make_vm, nic_mac, vm_folder
 from bonneville.backends.vsphere.config import VSphereSettings, load
 from bonneville.backends.vsphere.connection import connect, disconnect, in_netns, session, wait_task
 from bonneville.backends.vsphere.inventory import destroy_vm, find_vm, resolve
@@ -71,6 +72,10 @@ class VSphereBackend(Backend):
             self._settings = load()
         return self._settings
 
+    def preflight(self) -> None:
+        """Bad settings (a malformed static_range, say) fail create before it makes anything."""
+        _ = self.settings
+
     def launch(self, config: VMConfig) -> VM:
         netns_fd = int(config.extra.get("runtime_netns_fd", -1))
         return in_netns(netns_fd, lambda: self._launch(config, netns_fd))
@@ -88,9 +93,21 @@ class VSphereBackend(Backend):
         name = vm_name(config.container_id, token)
         advertise = _advertise_host(cfg)
         undo = Undo()
-        si = connect(cfg)
-        undo.push("log out", lambda: disconnect(si))
+        lease: Lease | None = None
+        if cfg.net_mode == "static":
+            lease = allocate(
+                os.path.dirname(config.run_dir),
+                parse_range(cfg.static_range),
+                config.container_id,
+                token,
+            )
+            held = lease.record()
+            # Journaled at once: a create killed from here on still gives the address back.
+            write_journal(config.run_dir, {"lease": held})
+            undo.push(f"release {lease.address}", lambda: release(held))
         try:
+            si = connect(cfg)
+            undo.push("log out", lambda: disconnect(si))
             inv = resolve(si, cfg)
             iso_path = ensure_iso(inv, iso)
             # The VM's one container's tree (the export holds a directory per container).
@@ -131,6 +148,7 @@ class VSphereBackend(Backend):
                             "datacenter": inv.datacenter.name,
                             "datastore": inv.datastore.name,
                             "folder": folder[1],
+                            **({"lease": lease.record()} if lease else {}),
                         },
                     )
                     plan = configure(
@@ -157,6 +175,7 @@ class VSphereBackend(Backend):
                         # boot-time allowance would only delay the fallback.
                         timeout = min(timeout, INSTANT_AGENT_TIMEOUT)
                     channel = listener.accept(token, timeout)
+                    mac = nic_mac(vm) if cfg.net_mode != "none" else ""
                     break
                 except BackendError as exc:
                     if path != INSTANT or cfg.clone_mode != "auto":
@@ -169,7 +188,9 @@ class VSphereBackend(Backend):
         except BaseException:
             undo.run()
             raise
-        return VSphereVM(cfg, si, vm, inv, folder_rel, channel, listener, path, netns_fd)
+        return VSphereVM(
+            cfg, si, vm, inv, folder_rel, channel, listener, path, netns_fd, mac=mac, lease=lease
+        )
 
     def alive(self, private: dict[str, Any]) -> bool:
         moref = str(private.get("vm") or "")
@@ -185,6 +206,12 @@ class VSphereBackend(Backend):
             return True
 
     def destroy(self, private: dict[str, Any]) -> None:
+        try:
+            self._destroy(private)
+        finally:
+            release(private.get("lease"))
+
+    def _destroy(self, private: dict[str, Any]) -> None:
         moref = str(private.get("vm") or "")
         if not moref:
             return

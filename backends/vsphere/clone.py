@@ -191,6 +191,16 @@ def vm_folder(vm: Any) -> tuple[str, str]:
     return folder_path, folder_rel
 
 
+def nic_mac(vm: Any) -> str:
+    """The MAC vSphere gave the VM's NIC on the port group ("" if it has none)."""
+    vim = vmomi().vim
+
+    for device in vm.config.hardware.device:
+        if isinstance(device, vim.vm.device.VirtualEthernetCard) and device.macAddress:
+            return str(device.macAddress).lower()
+    return ""
+
+
 def _scsi_key(vm: Any) -> int:
     vim = vmomi().vim
 

@@ -11,15 +11,23 @@ certificate instead, as a self-signed ESXi host needs; `insecure = true`
 (`$BONNEVILLE_VSPHERE_INSECURE`) turns verification off, with a warning in the log at every
 session. They exclude one another. `verify_tls = false`, the older spelling of
 `insecure = true`, is still read.
+
+The VM's NIC on `network` is addressed by the guest (`addressing.py`): `net_mode = "dhcp"` (the
+default with a `network`), or `"static"` with `static_range` (`FIRST-LAST/PREFIX`, one address
+leased per running container), an optional `gateway` and `dns` (a list, or in the environment a
+comma- or space-separated string); `"none"` leaves it unaddressed.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
+from bonneville.backends.vsphere.addressing import NET_MODES, parse_ipv4, parse_range
 from bonneville.backends.vsphere.tls import format_thumbprint, parse_thumbprint
 from bonneville.spec import settings
 from bonneville.spec.errors import ConfigError
@@ -55,6 +63,12 @@ class VSphereSettings:
     # "auto": instant clone when the server can, then linked clone, then full create.
     clone_mode: str = "auto"
     template_prefix: str = "bonneville-template"
+    # How the guest addresses its NIC on ``network``: "dhcp", "static" (from static_range) or
+    # "none". load() makes "dhcp" the default when there is a network.
+    net_mode: str = "none"
+    static_range: str = ""  # FIRST-LAST/PREFIX, validated by load()
+    gateway: str = ""
+    dns: tuple[str, ...] = ()
 
     @property
     def host(self) -> str:
@@ -126,6 +140,7 @@ def load(environ: Mapping[str, str] | None = None) -> VSphereSettings:
     if values["ca_file"] and not os.path.isfile(values["ca_file"]):
         raise ConfigError(where, f"vsphere.ca_file {values['ca_file']} does not exist")
     thumbprint = _thumbprint(get("thumbprint"), where)
+    net = _net_settings(environ, where, values["network"], get)
     _one_trust(
         where, parts.scheme, ca_file=values["ca_file"], thumbprint=thumbprint, insecure=insecure
     )
@@ -137,8 +152,49 @@ def load(environ: Mapping[str, str] | None = None) -> VSphereSettings:
         insecure=insecure,
         agent_timeout=agent_timeout,
         clone_mode=clone_mode,
+        net_mode=net["net_mode"],
+        static_range=net["static_range"],
+        gateway=net["gateway"],
+        dns=net["dns"],
         **values,
     )
+
+
+def _net_settings(
+    environ: Mapping[str, str], where: str, network: str, get: Callable[..., str]
+) -> dict[str, Any]:
+    """net_mode, static_range, gateway and dns, checked together."""
+    mode = get("net_mode", "dhcp" if network else "none").strip().lower()
+    if mode not in NET_MODES:
+        raise ConfigError(where, f"vsphere.net_mode must be one of {', '.join(NET_MODES)}")
+    if mode != "none" and not network:
+        raise ConfigError(where, f"vsphere.net_mode {mode} needs vsphere.network (a port group)")
+    pool, gateway = get("static_range").strip(), get("gateway").strip()
+    raw_dns = settings.get(SECTION, "dns", env=_env("dns"), default=[], environ=environ)
+    if isinstance(raw_dns, str):
+        raw_dns = raw_dns.replace(",", " ").split()
+    if not isinstance(raw_dns, list):
+        raise ConfigError(where, "vsphere.dns must be a list of IPv4 addresses")
+    try:
+        dns = tuple(parse_ipv4(str(server), "vsphere.dns entry") for server in raw_dns)
+        if gateway:
+            gateway = parse_ipv4(gateway, "vsphere.gateway")
+        if mode == "static":
+            if not pool:
+                raise ValueError("vsphere.net_mode static needs vsphere.static_range")
+            subnet = parse_range(pool).network
+            if gateway and ipaddress.IPv4Address(gateway) not in subnet:
+                raise ValueError(f"vsphere.gateway {gateway} is not in {subnet}")
+    except ValueError as exc:
+        text = str(exc)
+        raise ConfigError(
+            where, text if text.startswith("vsphere.") else f"vsphere.static_range {text}"
+        ) from exc
+    if mode != "static" and (pool or gateway or dns):
+        raise ConfigError(
+            where, 'vsphere.static_range, gateway and dns are for vsphere.net_mode = "static"'
+        )
+    return {"net_mode": mode, "static_range": pool, "gateway": gateway, "dns": dns}
 
 
 def _thumbprint(text: str, where: str) -> str:

@@ -1,13 +1,14 @@
 """The boot ISO on the datastore and the template VM every container's VM is cloned from.
 
-One of each per guest image: the ISO is uploaded once (again if its size is wrong: a broken
-upload), the template made once with its base snapshot (linked clones start there) and powered
-on when instant clones need a running source.
+One of each per guest image (and a template per port group): the ISO is uploaded once (again if
+its size is wrong: a broken upload), the template made once with its base snapshot (linked
+clones start there) and powered on when instant clones need a running source.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 from typing import Any
@@ -54,6 +55,15 @@ def base_snapshot(vm: Any) -> Any:
     return None
 
 
+def template_name(cfg: VSphereSettings, iso_key: str) -> str:
+    """One template per ISO and port group: clones keep the template's NIC, so a template made
+    without ``network`` (or for another) would leave the container's VM unreachable."""
+    if not cfg.network:
+        return f"{cfg.template_prefix}-{iso_key}"
+    tag = hashlib.sha256(cfg.network.encode()).hexdigest()[:8]
+    return f"{cfg.template_prefix}-{iso_key}-net{tag}"
+
+
 def ensure_template(
     si: Any,
     inv: Inventory,
@@ -66,7 +76,7 @@ def ensure_template(
     """The template VM of this ISO (made now if missing), with its base snapshot."""
     import fcntl
 
-    name = f"{cfg.template_prefix}-{iso.key}"
+    name = template_name(cfg, iso.key)
     fd = os.open(TEMPLATE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         # One creator per runtime host; two hosts sharing a vCenter may still race (docs).

@@ -11,6 +11,13 @@ import threading
 from typing import Any
 
 from bonneville.backends.base import VM
+from bonneville.backends.vsphere.addressing import (
+    Lease,
+    guest_addressing,
+    net_state,
+    parse_range,
+    release,
+)
 from bonneville.backends.vsphere.config import VSphereSettings
 from bonneville.backends.vsphere.connection import disconnect, enter_netns, in_netns, session
 from bonneville.backends.vsphere.inventory import Inventory, destroy_vm, find_vm
@@ -33,6 +40,8 @@ class VSphereVM(VM):
         listener: SerialListener,
         clone_path: str,
         netns_fd: int = -1,
+        mac: str = "",
+        lease: Lease | None = None,
     ) -> None:
         self._cfg = cfg
         self._si = si
@@ -45,6 +54,9 @@ class VSphereVM(VM):
         self._listener = listener
         self.clone_path = clone_path
         self._netns_fd = netns_fd
+        self._mac = mac
+        self._lease = lease
+        self._addresses: list[dict[str, Any]] = []  # what the guest reported it got
         self._ended = threading.Event()
         self._stop_watch = threading.Event()
         self._exit_r, self._exit_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -85,7 +97,7 @@ class VSphereVM(VM):
         return self._ended.is_set()
 
     def private_state(self) -> dict[str, Any]:
-        return {
+        state: dict[str, Any] = {
             "vm": self._moref,
             "name": self._name,
             "datacenter": self._inv.datacenter.name,
@@ -93,6 +105,25 @@ class VSphereVM(VM):
             "folder": self._folder_path,
             "clone": self.clone_path,
         }
+        state.update(net_state(self._cfg.net_mode, self._mac, self._lease, self._addresses))
+        return state
+
+    def guest_addressing(self) -> list[dict[str, Any]]:
+        if self._cfg.net_mode != "none" and not self._mac:
+            log.warning(
+                "VM %s has no NIC on %s: its network is left alone", self._name, self._cfg.network
+            )
+        address = ""
+        if self._lease is not None:
+            address = (
+                f"{self._lease.address}/{parse_range(self._cfg.static_range).network.prefixlen}"
+            )
+        return guest_addressing(
+            self._cfg.net_mode, self._mac, address, self._cfg.gateway, self._cfg.dns
+        )
+
+    def addressed(self, addresses: list[dict[str, Any]]) -> None:
+        self._addresses = [a for a in addresses if isinstance(a, dict)]
 
     def _destroy(self) -> None:
         destroy_vm(self._vm)
@@ -106,6 +137,8 @@ class VSphereVM(VM):
         try:
             in_netns(self._netns_fd, self._destroy)
         finally:
+            if self._lease is not None:
+                release(self._lease.record())
             disconnect(self._si)
             for fd in (self._exit_r, self._exit_w):
                 with contextlib.suppress(OSError):

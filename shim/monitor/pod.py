@@ -32,6 +32,7 @@ from bonneville.shim.agent_client import AgentConnection
 from bonneville.shim.control import VM_KILLED_STATUS, Phase, phase
 from bonneville.shim.monitor import daemon, dnsrelay, guestspec, share, sizing
 from bonneville.shim.monitor.forward import Forwarder
+from bonneville.shim.monitor.relay import AddressRelay
 from bonneville.shim.monitor.requests import Requests
 from bonneville.shim.monitor.sessions import Members, PodContainer, Session
 from bonneville.shim.monitor.vm import PodVM
@@ -190,7 +191,11 @@ class Pod:
         if self.cfg.host_network or _is_sandbox(self.spec.annotations):
             self.forwarder = Forwarder(self, on_host=self.cfg.host_network)
             network_request["watchPorts"] = True
+        elif network_request.get("addressing"):  # a VM on its backend's own network
+            self.forwarder = AddressRelay(self)
+            network_request["watchPorts"] = True
         reply = self.agent.call("network", AGENT_CALL_TIMEOUT, network=network_request)
+        self.vm.addressed(reply)
         self.timeline.mark(f"network configured (in the guest: {daemon.laps(reply)})")
         self._open_console()
         control_path = os.path.join(self.cfg.state_dir, state.SOCKET_FILE)

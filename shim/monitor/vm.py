@@ -57,6 +57,8 @@ class PodVM:
         # Backends that talk to a remote server (vSphere) open their sockets back in the
         # runtime's own network namespace, from a thread: kept before we leave it.
         self.runtime_netns_fd = -1
+        # The guest's address on a network of the backend's own (vSphere's port group).
+        self.guest_address = ""
 
     @property
     def backend(self) -> Backend:
@@ -234,13 +236,36 @@ class PodVM:
                 ],
                 "ipv6": {},
             }
-        return network.guest_config(
+        request = network.guest_config(
             self.interfaces,
             self.routes,
             {name: network.ipv6_enabled(name) for name in network.IPV6_SETTINGS}
             if self.own_netns
             else None,
         )
+        addressing = self.vm.guest_addressing() if self.vm is not None else []
+        if addressing:
+            request["addressing"] = addressing
+        return request
+
+    def addressed(self, reply: dict[str, Any]) -> None:
+        """Note what the guest's NICs on the backend's network got (``network``'s reply): the
+        log, the backend's state, and ``guest_address``, where the relay sends connections."""
+        got = [a for a in reply.get("addresses") or [] if isinstance(a, dict)]
+        if self.vm is None or not got:
+            return
+        self.vm.addressed(got)
+        for entry in got:
+            log.info(
+                "guest NIC %s (%s): %s by %s, gateway %s, DNS %s",
+                entry.get("interface"),
+                entry.get("mac"),
+                entry.get("address"),
+                entry.get("mode"),
+                entry.get("gateway") or "none",
+                " ".join(str(s) for s in entry.get("dns") or []) or "unchanged",
+            )
+        self.guest_address = str(got[0].get("address") or "").partition("/")[0]
 
     def discard(self) -> None:
         """Stop the VM and have the backend release all it made for it (roots, host links)."""
