@@ -30,7 +30,7 @@ from bonneville.backends.vsphere import media
 from bonneville.backends.vsphere.transport import SerialListener, new_token
 from bonneville.guest import protocol
 from bonneville.shim.agent_client import AgentConnection
-from integration.test_vsphere_serial import BOOT_TIMEOUT, CALL_TIMEOUT, QEMU, collect
+from integration.vsphere_qemu import BOOT_TIMEOUT, CALL_TIMEOUT, QEMU, collect
 from tests.support import make_busybox_rootfs
 
 pytestmark = pytest.mark.vm
