@@ -1115,3 +1115,35 @@ def test_mount_options_translate_to_flags_and_data() -> None:
     assert flags == 0x2 | 0x8
     assert propagation == 0x40000 | 0x4000
     assert data == "mode=755,size=65536k"
+
+
+def _preload_in_fresh_python(dist_packages: str) -> str:
+    """What syscallfilter.preload() leaves in a fresh interpreter whose Debian bindings are at
+    ``dist_packages``: "loaded" or "absent" (an exception fails the run)."""
+    code = (
+        "import sys\n"
+        "from bonneville.guest import syscallfilter\n"
+        f"syscallfilter.DIST_PACKAGES = {dist_packages!r}\n"
+        "sys.path = [p for p in sys.path if 'dist-packages' not in p]\n"
+        "syscallfilter.preload()\n"
+        "print('loaded' if 'seccomp' in sys.modules else 'absent')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=str(Path(__file__).resolve().parent.parent),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.strip()
+
+
+def test_seccomp_bindings_are_preloaded_for_the_template() -> None:
+    """A VM's agent loads libseccomp before the template is saved (agent.run): every clone
+    then has it, instead of loading it at its first container."""
+    assert _preload_in_fresh_python("/usr/lib/python3/dist-packages") == "loaded"
+
+
+def test_preloading_without_bindings_is_silent() -> None:
+    # The refusal comes later, from the first container that has a profile.
+    assert _preload_in_fresh_python("/nonexistent/dist-packages") == "absent"
