@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from bonneville.guest import portwatch, protocol, rpc, syscallfilter
+from bonneville.guest import portwatch, protocol, rpc
 from bonneville.guest.channel import Channel, kernel_options
 from bonneville.guest.common import Refused, describe, errtext, one_line
 from bonneville.guest.dnsrelay import DnsRelay
@@ -91,8 +91,6 @@ class Agent:
             # let a container's `kill -INT 1` (or ctrl-alt-del) raise KeyboardInterrupt here.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         self.mode.start(self.log)
-        if self.mode.pid1:
-            syscallfilter.preload()
         self.channel.open(self.log)
         self.log("info", f"ready (pid {os.getpid()}, share {self.mode.share})")
         while not self.exiting:

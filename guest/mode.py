@@ -12,7 +12,7 @@ import stat
 import struct
 import time
 
-from bonneville.guest import linux, protocol
+from bonneville.guest import linux, protocol, syscallfilter
 from bonneville.guest.channel import CHANNEL_ARG, ROOT_ARG, TOKEN_ARG
 from bonneville.guest.common import Log, Refused, errtext, write_file
 from bonneville.guest.netconfig import guest_nics, set_ipv6
@@ -81,6 +81,7 @@ class Mode:
             linux.mount(None, "/", None, linux.MS_REMOUNT | linux.MS_RDONLY)
         except OSError as exc:
             log("warning", f"cannot make the initramfs read-only: {errtext(exc)}")
+        syscallfilter.preload()
         if not self.cgroups:
             return
         try:

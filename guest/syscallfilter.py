@@ -67,7 +67,7 @@ def bindings() -> Any:
 
 def preload() -> None:
     """Import the bindings now, if there are any: in a VM this runs before the template is
-    saved, so no clone pays for loading libseccomp at its first container (~70 ms of a
+    saved (mode.start), so no clone pays for loading libseccomp at its first container (~70 ms of a
     clone's create under TCG, where every container of docker's has a profile)."""
     try:
         bindings()

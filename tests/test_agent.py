@@ -1139,7 +1139,7 @@ def _preload_in_fresh_python(dist_packages: str) -> str:
 
 
 def test_seccomp_bindings_are_preloaded_for_the_template() -> None:
-    """A VM's agent loads libseccomp before the template is saved (agent.run): every clone
+    """A VM's agent loads libseccomp before the template is saved (mode.start): every clone
     then has it, instead of loading it at its first container."""
     assert _preload_in_fresh_python("/usr/lib/python3/dist-packages") == "loaded"
 
