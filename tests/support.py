@@ -447,3 +447,14 @@ def _private_dockerd(runtimes: dict[str, dict[str, object]], image: str) -> Iter
         subprocess.run(["ip", "link", "del", bridge], check=False)
         lock.close()
     assert leftover_processes(str(base)) == []
+
+
+def modules_imported_by(probe: str, *args: str) -> set[str]:
+    """The modules a fresh Python holds after ``probe`` (which prints sorted(sys.modules))."""
+    out = subprocess.run(
+        [sys.executable, "-c", probe, *args],
+        capture_output=True,
+        check=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(CHECKOUT)},
+    ).stdout
+    return set(json.loads(out))

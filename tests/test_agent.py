@@ -35,6 +35,7 @@ from bonneville.guest.mounts import parse_mount_options
 from bonneville.guest.paths import resolve_in_root
 from bonneville.guest.proc import descendants
 from bonneville.spec.defaults import default_spec
+from tests.support import modules_imported_by
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the agent mounts: needs root")
 
@@ -1117,33 +1118,26 @@ def test_mount_options_translate_to_flags_and_data() -> None:
     assert data == "mode=755,size=65536k"
 
 
-def _preload_in_fresh_python(dist_packages: str) -> str:
-    """What syscallfilter.preload() leaves in a fresh interpreter whose Debian bindings are at
-    ``dist_packages``: "loaded" or "absent" (an exception fails the run)."""
-    code = (
-        "import sys\n"
+def _preload_in_fresh_python(dist_packages: str) -> bool:
+    """Whether syscallfilter.preload() leaves the bindings loaded in a fresh Python whose
+    Debian bindings are at ``dist_packages`` (an exception fails the run)."""
+    probe = (
+        "import json, sys\n"
         "from bonneville.guest import syscallfilter\n"
         f"syscallfilter.DIST_PACKAGES = {dist_packages!r}\n"
         "sys.path = [p for p in sys.path if 'dist-packages' not in p]\n"
         "syscallfilter.preload()\n"
-        "print('loaded' if 'seccomp' in sys.modules else 'absent')\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=str(Path(__file__).resolve().parent.parent),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return out.stdout.strip()
+    return "seccomp" in modules_imported_by(probe)
 
 
 def test_seccomp_bindings_are_preloaded_for_the_template() -> None:
     """A VM's agent loads libseccomp before the template is saved (mode.start): every clone
     then has it, instead of loading it at its first container."""
-    assert _preload_in_fresh_python("/usr/lib/python3/dist-packages") == "loaded"
+    assert _preload_in_fresh_python("/usr/lib/python3/dist-packages")
 
 
 def test_preloading_without_bindings_is_silent() -> None:
     # The refusal comes later, from the first container that has a profile.
-    assert _preload_in_fresh_python("/nonexistent/dist-packages") == "absent"
+    assert not _preload_in_fresh_python("/nonexistent/dist-packages")

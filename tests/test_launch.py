@@ -14,7 +14,14 @@ import pytest
 
 from bonneville.shim import entry
 from bonneville.shim.cli import cli
-from tests.support import CHECKOUT, Runtime, default_config, leftover_processes, write_bundle
+from tests.support import (
+    CHECKOUT,
+    Runtime,
+    default_config,
+    leftover_processes,
+    modules_imported_by,
+    write_bundle,
+)
 
 
 @pytest.mark.parametrize(
@@ -305,14 +312,3 @@ print(json.dumps(sorted(sys.modules)))
     modules = modules_imported_by(probe, str(tmp_path))
     assert {"bonneville.shim.lifecycle.running", "bonneville.shim.lifecycle.query"} <= modules
     assert "click" not in modules and "bonneville.shim.cli" not in modules
-
-
-def modules_imported_by(probe: str, *args: str) -> set[str]:
-    """The modules a fresh Python holds after ``probe`` (which prints sorted(sys.modules))."""
-    out = subprocess.run(
-        [sys.executable, "-c", probe, *args],
-        capture_output=True,
-        check=True,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(CHECKOUT)},
-    ).stdout
-    return set(json.loads(out))
